@@ -1,0 +1,8 @@
+"""lbopt optimizers: thin ``torch.optim.Optimizer`` shells over :mod:`lbopt.rules`."""
+
+from lbopt.optim.base import LayerwiseOptimizer, NonFiniteGradientError
+from lbopt.optim.curvature import CBLR, MCLR
+from lbopt.optim.lamb import LAMB
+from lbopt.optim.lars import LARS
+
+__all__ = ["CBLR", "LAMB", "LARS", "MCLR", "LayerwiseOptimizer", "NonFiniteGradientError"]

@@ -1,0 +1,28 @@
+"""Pure per-layer arithmetic: update directions and layer-wise scales.
+
+Nothing here knows about shards: directions act elementwise on lists of segment views,
+scales are functions of per-layer sums produced by :mod:`lbopt.stats`.
+"""
+
+from lbopt.rules.direction import adam_direction, decayed_direction, descend, momentum_update
+from lbopt.rules.scale import (
+    curvature_rate,
+    ema_update,
+    median_of,
+    secant_curvature,
+    trust_ratio,
+    weight_ratio_curvature,
+)
+
+__all__ = [
+    "adam_direction",
+    "decayed_direction",
+    "descend",
+    "curvature_rate",
+    "ema_update",
+    "median_of",
+    "momentum_update",
+    "secant_curvature",
+    "trust_ratio",
+    "weight_ratio_curvature",
+]
