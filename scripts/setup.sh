@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Create or refresh .venv in the repo root with pinned, tested versions.
+#   LBOPT_KEEP_TORCH=1  keep the torch already in .venv (e.g. your CUDA build) instead of
+#                       installing the pinned CPU wheel torch==2.13.0.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_PIN=${LBOPT_TORCH_PIN:-torch==2.13.0}
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
+
+stamp=.venv/.lbopt-setup
+want="$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16) keep=${LBOPT_KEEP_TORCH:-0}"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  echo "[setup] .venv is up to date"
+  exit 0
+fi
+
+echo "[setup] installing into .venv (a few minutes on a fresh machine)"
+python -m pip install -q --upgrade pip
+if [ "${LBOPT_KEEP_TORCH:-0}" = 1 ]; then
+  python -c "import torch" 2>/dev/null || { echo "[setup] LBOPT_KEEP_TORCH=1 but .venv has no torch: pip install your torch build into .venv first" >&2; exit 1; }
+else
+  python -m pip install -q "$TORCH_PIN"
+fi
+# Never let another package replace the torch chosen above (an unpinned torch pulls GBs of CUDA).
+constraints=$(mktemp)
+python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraints"
+python -m pip install -q -c "$constraints" -r requirements.lock
+python -m pip install -q -c "$constraints" -e .
+rm -f "$constraints"
+echo "$want" > "$stamp"
+echo "[setup] done: $(python -c 'import torch, deepspeed, transformers; print("torch", torch.__version__, "| deepspeed", deepspeed.__version__, "| transformers", transformers.__version__)' 2>/dev/null)"

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# README command two: set up .venv, then run the whole test suite (offline, CPU).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh || exit 1
+# shellcheck disable=SC1091
+. .venv/bin/activate
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DS_ACCELERATOR=cpu
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
+python -m ruff check . || exit 1
+python -m pytest "$@"
+rc=$?
+if [ $rc -eq 5 ]; then
+  echo "ERROR: pytest collected no tests (exit code 5); refusing to report success" >&2
+  exit 1
+fi
+exit $rc
