@@ -176,7 +176,7 @@ class LayerwiseOptimizer(Optimizer):
                 key = self._layer_key(name, len(records), excluded, bool(pnames))
                 if key not in keys:
                     keys[key] = len(names)
-                    names.append(name if key == len(records) or excluded else str(key))
+                    names.append(name if isinstance(key, int) else key[1])
                     adapt.append(not excluded)
                     decay.append(not excluded)
                     layer_group.append(gi)
@@ -208,8 +208,8 @@ class LayerwiseOptimizer(Optimizer):
                     "layer_grouping='module' needs parameter names: pass model.named_parameters() "
                     "(or groups with 'param_names')"
                 )
-            return "module:" + name.rpartition(".")[0]
-        return "custom:" + str(self._layer_grouping(name))  # type: ignore[operator]
+            return ("module", name.rpartition(".")[0])
+        return ("custom", str(self._layer_grouping(name)))  # type: ignore[operator]
 
     # ------------------------------------------------------------------ step plumbing
     def _grad_tensors(self) -> list[torch.Tensor]:
