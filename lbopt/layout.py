@@ -30,6 +30,7 @@ __all__ = [
     "dense_layout",
     "register_layout_resolver",
     "resolve_layout",
+    "segment_view",
 ]
 
 
@@ -112,16 +113,16 @@ class Layout:
         underlying tensor.
         """
         source = self.tensors if tensors is None else tensors
-        out = []
-        for seg in self.segments:
-            t = source[seg.tensor]
-            if t is None:
-                raise ValueError(f"no tensor for segment of layer {seg.layer} (tensor {seg.tensor})")
-            if seg.start == 0 and seg.length == t.numel():
-                out.append(t)
-            else:
-                out.append(t.view(-1).narrow(0, seg.start, seg.length))
-        return out
+        return [segment_view(source[seg.tensor], seg) for seg in self.segments]
+
+
+def segment_view(tensor: torch.Tensor | None, seg: Segment) -> torch.Tensor:
+    """The elements of ``tensor`` that ``seg`` covers (the tensor itself when it covers all)."""
+    if tensor is None:
+        raise ValueError(f"no tensor for segment of layer {seg.layer} (local tensor {seg.tensor})")
+    if seg.start == 0 and seg.length == tensor.numel():
+        return tensor
+    return tensor.view(-1).narrow(0, seg.start, seg.length)
 
 
 LayoutResolver = Callable[[LayerTable, list[torch.Tensor]], "Layout | None"]

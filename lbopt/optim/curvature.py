@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from lbopt.layout import segment_view
 from lbopt.optim.base import (
     ExcludeSpec,
     LayerGrouping,
@@ -155,16 +156,15 @@ class CBLR(LayerwiseOptimizer):
             if any(wd_seg):
                 eff = torch._foreach_add(grads, torch._foreach_mul(params, wd_seg))
             # Segments whose tensor has no history yet contribute nothing to Δ (→ fallback).
-            known = [
-                i for i, s in enumerate(layout.segments) if "prev_param" in self.state[layout.tensors[s.tensor]]
-            ]
+            history = [t in self.state and "prev_param" in self.state[t] for t in layout.tensors]
+            known = [i for i, s in enumerate(layout.segments) if history[s.tensor]]
             dh: list[torch.Tensor] = []
             dw: list[torch.Tensor] = []
             if known:
-                prev_w = layout.views([self.state[t].get("prev_param") for t in layout.tensors])
-                prev_h = layout.views([self.state[t].get("prev_grad") for t in layout.tensors])
-                dh = torch._foreach_sub([eff[i] for i in known], [prev_h[i] for i in known])
-                dw = torch._foreach_sub([params[i] for i in known], [prev_w[i] for i in known])
+                prev_w = [self._history_view(layout, i, "prev_param") for i in known]
+                prev_h = [self._history_view(layout, i, "prev_grad") for i in known]
+                dh = torch._foreach_sub([eff[i] for i in known], prev_h)
+                dw = torch._foreach_sub([params[i] for i in known], prev_w)
             quantities += [sq_norm(dh, known), sq_norm(dw, known)]
         sums = plan.stats.sums(quantities)
         present = sums[-1] > 0
@@ -186,6 +186,10 @@ class CBLR(LayerwiseOptimizer):
         else:
             used = ema if self.curvature_ema > 0 else estimate
         return used, present
+
+    def _history_view(self, layout, segment: int, name: str) -> torch.Tensor:
+        seg = layout.segments[segment]
+        return segment_view(self.state[layout.tensors[seg.tensor]][name], seg)
 
     def _curvature_ema(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.table.num_layers
