@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from lbopt.layout import Layout
 
-__all__ = ["LayerStats", "Quantity", "dot", "sq_norm"]
+__all__ = ["LayerStats", "Quantity", "dot", "sq_norm", "sq_norm_now"]
 
 _STAT_DTYPE = torch.float64
 
@@ -38,11 +38,17 @@ class Quantity:
     x: Sequence[torch.Tensor]
     y: Sequence[torch.Tensor] | None = None
     segments: Sequence[int] | None = None
+    values: torch.Tensor | None = None  # per-segment sums already computed (see ``sq_norm_now``)
 
 
 def sq_norm(views: Sequence[torch.Tensor], segments: Sequence[int] | None = None) -> Quantity:
     """Per-layer squared L2 norm ``Σ_{i∈l} x_i²``."""
     return Quantity(views, None, segments)
+
+
+def sq_norm_now(views: Sequence[torch.Tensor], segments: Sequence[int] | None = None) -> Quantity:
+    """Like :func:`sq_norm`, but evaluated now, so ``views`` may be reused right after."""
+    return Quantity((), None, segments, _segment_sq_norms(views))
 
 
 def dot(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> Quantity:
@@ -86,7 +92,10 @@ class LayerStats:
         rows = []
         num_segments = len(self.layout.segments)
         for q in quantities:
-            row = _segment_sq_norms(q.x) if q.y is None else _segment_dots(q.x, q.y)
+            if q.values is not None:
+                row = q.values
+            else:
+                row = _segment_sq_norms(q.x) if q.y is None else _segment_dots(q.x, q.y)
             if q.segments is not None:
                 full = torch.zeros(num_segments, dtype=_STAT_DTYPE, device=row.device)
                 if len(q.segments):

@@ -148,6 +148,7 @@ class LayerwiseOptimizer(Optimizer):
         self.layer_state: dict[str, torch.Tensor] = {}
         self._plans: dict[tuple[int, ...], StepPlan] = {}
         self._last: dict[str, torch.Tensor] = {}
+        self._workspaces: dict[torch.Tensor, torch.Tensor] = {}
         super().__init__(_dedupe_params(params), defaults)
         self._build_layer_table()
 
@@ -299,6 +300,14 @@ class LayerwiseOptimizer(Optimizer):
             [1 - a**n if c else 1.0 for a, n, c in zip(b2, t, corr)],
             [g[eps_key] for g in seg_group],
         )
+
+    def workspace(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A reusable work buffer shaped like ``tensor``; not optimizer state, never checkpointed."""
+        buf = self._workspaces.get(tensor)
+        if buf is None or buf.shape != tensor.shape:
+            buf = torch.empty_like(tensor)
+            self._workspaces[tensor] = buf
+        return buf
 
     def buffer(self, tensor: torch.Tensor, name: str, init: str = "zeros") -> torch.Tensor:
         """Elementwise state buffer ``name`` of local tensor ``tensor``, created on first use."""

@@ -23,7 +23,7 @@ from lbopt.optim.base import (
     check_clip,
     check_range,
 )
-from lbopt.rules.direction import decayed_direction, descend, momentum_update
+from lbopt.rules.direction import add_scaled_, decayed_direction, descend, momentum_update
 from lbopt.rules.scale import (
     curvature_rate,
     ema_update,
@@ -31,7 +31,7 @@ from lbopt.rules.scale import (
     secant_curvature,
     weight_ratio_curvature,
 )
-from lbopt.stats import sq_norm
+from lbopt.stats import Quantity, sq_norm, sq_norm_now
 
 __all__ = ["CBLR", "CURVATURE_ESTIMATORS", "MCLR"]
 
@@ -152,20 +152,10 @@ class CBLR(LayerwiseOptimizer):
         quantities = [sq_norm(params), sq_norm(grads)]
         secant = self.curvature == "secant"
         if secant:
-            eff = grads
-            if any(wd_seg):
-                eff = torch._foreach_add(grads, torch._foreach_mul(params, wd_seg))
             # Segments whose tensor has no history yet contribute nothing to Δ (→ fallback).
             history = [t in self.state and "prev_param" in self.state[t] for t in layout.tensors]
             known = [i for i, s in enumerate(layout.segments) if history[s.tensor]]
-            dh: list[torch.Tensor] = []
-            dw: list[torch.Tensor] = []
-            if known:
-                prev_w = [self._history_view(layout, i, "prev_param") for i in known]
-                prev_h = [self._history_view(layout, i, "prev_grad") for i in known]
-                dh = torch._foreach_sub([eff[i] for i in known], prev_h)
-                dw = torch._foreach_sub([params[i] for i in known], prev_w)
-            quantities += [sq_norm(dh, known), sq_norm(dw, known)]
+            quantities += self._secant_quantities(layout, known, params, grads, wd_seg)
         sums = plan.stats.sums(quantities)
         present = sums[-1] > 0
         if self.nonfinite(torch.where(present, sums[1], 0.0)):
@@ -181,11 +171,34 @@ class CBLR(LayerwiseOptimizer):
         if secant:
             # Remember w_t and h_t for the next secant (after the guard: no NaN gets in).
             torch._foreach_copy_(layout.views([self.buffer(t, "prev_param") for t in layout.tensors]), params)
-            torch._foreach_copy_(layout.views([self.buffer(t, "prev_grad") for t in layout.tensors]), eff)
+            prev_h = layout.views([self.buffer(t, "prev_grad") for t in layout.tensors])
+            torch._foreach_copy_(prev_h, grads)
+            add_scaled_(prev_h, params, wd_seg)
             used = torch.where(has, ema, ratio)
         else:
             used = ema if self.curvature_ema > 0 else estimate
         return used, present
+
+    def _secant_quantities(self, layout, known: list[int], params, grads, wd_seg) -> list[Quantity]:
+        """``‖Δh‖²`` and ``‖Δw‖²`` over the ``known`` segments, through one reusable workspace.
+
+        Nothing in the optimizer state changes here (the non-finite guard has not run yet).
+        """
+        if not known:
+            return [sq_norm([], known), sq_norm([], known)]
+        work = [
+            segment_view(self.workspace(layout.tensors[layout.segments[i].tensor]), layout.segments[i]).view_as(
+                params[i]
+            )
+            for i in known
+        ]
+        torch._foreach_copy_(work, [grads[i] for i in known])
+        add_scaled_(work, [params[i] for i in known], [wd_seg[i] for i in known])
+        torch._foreach_sub_(work, [self._history_view(layout, i, "prev_grad") for i in known])
+        dh = sq_norm_now(work, known)
+        torch._foreach_copy_(work, [params[i] for i in known])
+        torch._foreach_sub_(work, [self._history_view(layout, i, "prev_param") for i in known])
+        return [dh, sq_norm_now(work, known)]
 
     def _history_view(self, layout, segment: int, name: str) -> torch.Tensor:
         seg = layout.segments[segment]

@@ -1,7 +1,11 @@
-"""Update directions: elementwise rules on lists of (segment) tensors, batched with foreach.
+"""Update directions: elementwise rules on lists of (segment) tensors.
 
-Per-segment scalars (learning rates, decays) are given as Python lists aligned with the
-tensor lists, so one segment of a flat ZeRO partition can be decayed and another not.
+Per-segment scalars (step sizes, decays) are Python lists aligned with the tensor lists, so
+one segment of a flat ZeRO partition can be decayed and another not. Everything is in
+place: no model-sized temporaries on the common paths. On accelerators the batched
+``torch._foreach_*`` kernels are used; on CPU, where foreach is a loop anyway, per-tensor
+``add_(alpha=...)`` avoids the temporary a per-tensor scalar list would need. Both give
+the same numbers.
 """
 
 from __future__ import annotations
@@ -10,13 +14,36 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["adam_direction", "decayed_direction", "descend", "momentum_update"]
+__all__ = ["adam_direction", "add_scaled_", "decayed_direction", "descend", "momentum_update"]
 
 Tensors = list[torch.Tensor]
 
 
-def _has_any(values: Sequence[float]) -> bool:
-    return any(v != 0.0 for v in values)
+def add_scaled_(dst: Tensors, src: Tensors, scalars: Sequence[float]) -> None:
+    """``dst_i += s_i · src_i`` in place."""
+    if not dst:
+        return
+    first = scalars[0]
+    if all(s == first for s in scalars):
+        if first != 0.0:
+            torch._foreach_add_(dst, src, alpha=first)
+        return
+    if dst[0].device.type == "cpu":
+        for d, s, a in zip(dst, src, scalars):
+            if a != 0.0:
+                d.add_(s, alpha=a)
+    else:
+        torch._foreach_add_(dst, torch._foreach_mul(src, list(scalars)))
+
+
+def _scale_(tensors: Tensors, scalars: Sequence[float]) -> None:
+    if all(s == 1.0 for s in scalars):
+        return
+    first = scalars[0]
+    if all(s == first for s in scalars):
+        torch._foreach_mul_(tensors, first)
+    else:
+        torch._foreach_mul_(tensors, list(scalars))
 
 
 def momentum_update(
@@ -33,19 +60,22 @@ def momentum_update(
     ``d = g + βw``; ``v ← μv + α d``; ``w ← w − v`` (Nesterov: ``w ← w − (μv + α d)``),
     where ``α`` is the segment's step size (base LR times its layer factor).
     """
-    if _has_any(weight_decays):
-        d = torch._foreach_add(grads, torch._foreach_mul(params, list(weight_decays)))
-    else:
-        d = [g.clone() for g in grads]
-    torch._foreach_mul_(d, list(step_sizes))
-    torch._foreach_mul_(buffers, list(momentum))
-    torch._foreach_add_(buffers, d)
-    if any(nesterov):
-        mom_part = torch._foreach_mul(buffers, list(momentum))
-        steps = [m + x if n else v for m, x, v, n in zip(mom_part, d, buffers, nesterov)]
-    else:
-        steps = buffers
-    torch._foreach_sub_(params, steps)
+    _scale_(buffers, momentum)
+    add_scaled_(buffers, grads, step_sizes)
+    add_scaled_(buffers, params, [a * b for a, b in zip(step_sizes, weight_decays)])
+    plain = [i for i, n in enumerate(nesterov) if not n]
+    if len(plain) == len(params):
+        torch._foreach_sub_(params, buffers)
+        return
+    if plain:
+        torch._foreach_sub_([params[i] for i in plain], [buffers[i] for i in plain])
+    nest = [i for i, n in enumerate(nesterov) if n]
+    p, g, v = ([x[i] for i in nest] for x in (params, grads, buffers))
+    a, b, mu = ([x[i] for i in nest] for x in (step_sizes, weight_decays, momentum))
+    # w − (μv + α(g + βw)) = (1 − αβ)w − μv − αg, with the old w on the right
+    _scale_(p, [1.0 - ai * bi for ai, bi in zip(a, b)])
+    add_scaled_(p, v, [-m for m in mu])
+    add_scaled_(p, g, [-ai for ai in a])
 
 
 def adam_direction(
@@ -61,28 +91,26 @@ def adam_direction(
     """Adam moments in place and the bias-corrected direction (Kingma & Ba 2015).
 
     ``m ← β₁m + (1−β₁)g``, ``v ← β₂v + (1−β₂)g²``, returns ``m̂ / (√v̂ + ε)`` with
-    ``m̂ = m/(1−β₁ᵗ)``, ``v̂ = v/(1−β₂ᵗ)``.
+    ``m̂ = m/(1−β₁ᵗ)``, ``v̂ = v/(1−β₂ᵗ)`` (one new tensor per segment).
     """
-    torch._foreach_mul_(exp_avg, list(beta1))
-    torch._foreach_add_(exp_avg, torch._foreach_mul(grads, [1.0 - b for b in beta1]))
-    torch._foreach_mul_(exp_avg_sq, list(beta2))
+    torch._foreach_lerp_(exp_avg, grads, [1.0 - b for b in beta1])
+    _scale_(exp_avg_sq, beta2)
     torch._foreach_addcmul_(exp_avg_sq, grads, grads, [1.0 - b for b in beta2])
-    denom = torch._foreach_sqrt(exp_avg_sq)
-    torch._foreach_div_(denom, [b ** 0.5 for b in bias_correction2])
-    torch._foreach_add_(denom, list(eps))
-    direction = torch._foreach_div(exp_avg, denom)
-    torch._foreach_div_(direction, list(bias_correction1))
+    direction = torch._foreach_sqrt(exp_avg_sq)
+    _scale_(direction, [1.0 / c**0.5 for c in bias_correction2])
+    torch._foreach_add_(direction, list(eps))
+    torch._foreach_reciprocal_(direction)
+    torch._foreach_mul_(direction, exp_avg)
+    _scale_(direction, [1.0 / c for c in bias_correction1])
     return direction
 
 
 def decayed_direction(params: Tensors, direction: Tensors, weight_decays: Sequence[float]) -> Tensors:
     """``u = d + βw`` per segment (decoupled decay; ``direction`` is updated in place and returned)."""
-    if _has_any(weight_decays):
-        torch._foreach_add_(direction, torch._foreach_mul(params, list(weight_decays)))
+    add_scaled_(direction, params, weight_decays)
     return direction
 
 
 def descend(params: Tensors, updates: Tensors, step_sizes: Sequence[float]) -> None:
-    """``w ← w − α u`` per segment (``updates`` is scaled in place)."""
-    torch._foreach_mul_(updates, [-a for a in step_sizes])
-    torch._foreach_add_(params, updates)
+    """``w ← w − α u`` per segment."""
+    add_scaled_(params, updates, [-a for a in step_sizes])
