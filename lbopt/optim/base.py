@@ -341,6 +341,15 @@ class LayerwiseOptimizer(Optimizer):
                 group["step"] = int(group.get("step", 0)) + 1
 
     # ------------------------------------------------------------------ introspection
+    def record_layer_stats(self, present: torch.Tensor, **values: torch.Tensor) -> None:
+        """Keep per-layer figures for logging; layers absent from this call keep their last value
+        (engines that step one group at a time still show every layer)."""
+        for key, value in values.items():
+            old = self._last.get(key)
+            if old is None or old.shape != value.shape:
+                old = torch.full_like(value, float("nan"))
+            self._last[key] = torch.where(present, value, old.to(value.device)).detach()
+
     @property
     def last_layer_stats(self) -> dict[str, float]:
         """Per-layer figures of the last step for logging, e.g. ``{"lr/encoder.w": 0.01}``."""

@@ -239,7 +239,7 @@ class CBLR(LayerwiseOptimizer):
         used, present = result
         factors = self._layer_factors(used, present)
         lr_l = self.layer_hparam("lr", dev)
-        self._last = {"lr": torch.where(present, lr_l * factors, torch.nan), "curvature": used.clone()}
+        self.record_layer_stats(present, lr=lr_l * factors, curvature=used)
         step_sizes = plan.seg_values(lr_l * factors)
         self._bump_step()
         if self.direction == "momentum":

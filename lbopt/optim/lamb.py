@@ -97,5 +97,5 @@ class LAMB(LayerwiseOptimizer):
             ratio = ratio.clamp(lo_hi[0], lo_hi[1])
         factors = torch.where(self.layer_mask("adapt", dev), ratio, torch.ones_like(ratio))
         lr_l = self.layer_hparam("lr", dev)
-        self._last = {"lr": torch.where(present, lr_l * factors, torch.nan), "trust_ratio": factors}
+        self.record_layer_stats(present, lr=lr_l * factors, trust_ratio=factors)
         descend(params, u, plan.seg_values(lr_l * factors))
