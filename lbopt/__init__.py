@@ -1,12 +1,25 @@
 """lbopt: large-batch optimizers with exact per-layer statistics under any sharding.
 
-``LARS``, ``LAMB``, ``CBLR`` and ``MCLR`` are ``torch.optim.Optimizer`` subclasses. Their
-per-layer norms and curvatures are computed by one statistics engine (:mod:`lbopt.stats`)
-over a layout of local tensor slices (:mod:`lbopt.layout`), so they give the dense
-single-process numbers under DDP and DeepSpeed ZeRO 1/2/3 alike.
+``LARS``, ``LAMB``, ``CBLR``, ``MCLR``, ``AdaGradNorm`` and ``AdAdaGrad(Norm)`` are
+``torch.optim.Optimizer`` subclasses. Their per-layer norms and curvatures come from one
+statistics engine (:mod:`lbopt.stats`) over a layout of local tensor slices
+(:mod:`lbopt.layout`), so they give the dense single-process numbers under DDP and
+DeepSpeed ZeRO 1/2/3 alike.
 """
 
-from lbopt.optim import CBLR, LAMB, LARS, MCLR, LayerwiseOptimizer, NonFiniteGradientError
+from lbopt.batch import BatchDecision, BatchSizeController, PerSampleGradients
+from lbopt.optim import (
+    CBLR,
+    LAMB,
+    LARS,
+    MCLR,
+    AdAdaGrad,
+    AdAdaGradNorm,
+    AdaGrad,
+    AdaGradNorm,
+    LayerwiseOptimizer,
+    NonFiniteGradientError,
+)
 from lbopt.registry import get_optimizer_class, optimizer_names
 
 __version__ = "0.1.0"
@@ -16,6 +29,13 @@ __all__ = [
     "LAMB",
     "LARS",
     "MCLR",
+    "AdAdaGrad",
+    "AdAdaGradNorm",
+    "AdaGrad",
+    "AdaGradNorm",
+    "BatchDecision",
+    "BatchSizeController",
+    "PerSampleGradients",
     "LayerwiseOptimizer",
     "NonFiniteGradientError",
     "get_optimizer_class",

@@ -15,7 +15,6 @@ OPTIMIZERS: dict[str, str] = {
     "lamb": "lbopt.optim.lamb:LAMB",
     "cblr": "lbopt.optim.curvature:CBLR",
     "mclr": "lbopt.optim.curvature:MCLR",
-    "adagrad": "lbopt.optim.adagrad:AdaGrad",
     "adagradnorm": "lbopt.optim.adagrad:AdaGradNorm",
     "adadagrad": "lbopt.optim.adagrad:AdAdaGrad",
     "adadagradnorm": "lbopt.optim.adagrad:AdAdaGradNorm",

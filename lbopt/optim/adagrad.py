@@ -126,7 +126,7 @@ class AdaGradNorm(_AdaGradBase):
         denom = plan.seg_values(b + eps_l)
         lr = self._lr_seg(plan)
         steps = [-a / d if d > 0 else 0.0 for a, d in zip(lr, denom)]
-        self._last = {"lr": torch.where(present, self.layer_hparam("lr", dev) / (b + eps_l), torch.nan)}
+        self.record_layer_stats(present, lr=self.layer_hparam("lr", dev) / (b + eps_l))
         torch._foreach_add_(params, torch._foreach_mul(h, steps))
         self._feed_controller(g_sq)
 
@@ -178,6 +178,8 @@ class AdaGrad(_AdaGradBase):
         if id(param) not in self._original_index:
             return None
         state = self.state.get(param)
+        if state is None and any(id(k) not in self._original_index for k in self.state):
+            return None  # accumulators live on engine partitions (ZeRO): no dense metric here
         eps = self.defaults["eps"]
         for group in self.param_groups:
             if any(p is param for p in group["params"]):
@@ -215,7 +217,7 @@ class AdaGrad(_AdaGradBase):
         torch._foreach_add_(denom, eps_seg)
         lr = self._lr_seg(plan)
         torch._foreach_addcdiv_(params, h, denom, [-a for a in lr])
-        self._last = {"lr": torch.where(present, self.layer_hparam("lr", dev), torch.nan)}
+        self.record_layer_stats(present, lr=self.layer_hparam("lr", dev))
         g_sq = float(sums[0][present].sum())
         self._feed_controller(g_sq, float(sums[1][present].sum()) if len(sums_q) > 1 else None)
 
