@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 
@@ -20,15 +18,15 @@ OPTIMIZERS = {
 }
 
 
-def _init(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _init(rank: int, world: int, rendezvous: str) -> None:
+    """File rendezvous: no port to race for with other jobs on the machine."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
 
 
-def ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+def ddp_worker(rank: int, world: int, rendezvous: str, out: str) -> None:
     """DDP: each rank takes its share of the global batch; DDP averages the gradients."""
-    _init(rank, world, port)
+    _init(rank, world, rendezvous)
     results = {}
     for name, make in OPTIMIZERS.items():
         model = torch.nn.parallel.DistributedDataParallel(make_model())
@@ -98,9 +96,9 @@ def _partition_resolver(partition: FlatPartition, aware: bool = True):
     return resolve
 
 
-def sharded_worker(rank: int, world: int, port: int, out: str, offset: int, aware: bool = True) -> None:
+def sharded_worker(rank: int, world: int, rendezvous: str, out: str, offset: int, aware: bool = True) -> None:
     """Every rank computes the global-batch gradient; the optimizer sees only flat slices."""
-    _init(rank, world, port)
+    _init(rank, world, rendezvous)
     results = {}
     for name, make in OPTIMIZERS.items():
         model = make_model()
