@@ -10,6 +10,7 @@ keeps non-finite gradients out of the optimizer state. The arithmetic lives in
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -51,6 +52,15 @@ def check_clip(name: str, clip: tuple[float, float] | None) -> None:
         raise ValueError(f"Invalid {name}: {clip!r}; expected None or a pair (lo, hi) with 0 <= lo <= hi")
 
 
+def full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The parameter's logical shape, also when an engine has already partitioned it.
+
+    DeepSpeed ZeRO-3 (``zero.Init``, e.g. HF ``from_pretrained`` under ZeRO-3) leaves an
+    empty ``p.data`` and keeps the real shape in ``p.ds_shape``.
+    """
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
 def exclusion_predicate(exclude: ExcludeSpec) -> Callable[[str, torch.Tensor], bool]:
     """Turn the ``exclude`` argument into ``(name, param) -> bool``.
 
@@ -59,7 +69,7 @@ def exclusion_predicate(exclude: ExcludeSpec) -> Callable[[str, torch.Tensor], b
     name. A callable: used as is.
     """
     if exclude is None:
-        return lambda _name, p: p.ndim <= 1
+        return lambda _name, p: len(full_shape(p)) <= 1
     if exclude is False:
         return lambda _name, _p: False
     if isinstance(exclude, str):
@@ -190,8 +200,8 @@ class LayerwiseOptimizer(Optimizer):
                     )
                 records.append(
                     ParamRecord(
-                        index=len(records), name=name, group=gi, layer=layer, numel=p.numel(),
-                        shape=tuple(p.shape), adapt=not excluded, decay=not excluded,
+                        index=len(records), name=name, group=gi, layer=layer, numel=math.prod(full_shape(p)),
+                        shape=full_shape(p), adapt=not excluded, decay=not excluded,
                     )
                 )
                 originals.append(p)
