@@ -287,8 +287,15 @@ class LayerwiseOptimizer(Optimizer):
             )
         return clips.pop()
 
-    def adam_direction(self, plan: StepPlan, grads: list[torch.Tensor], eps_key: str) -> list[torch.Tensor]:
-        """Update the Adam moments of ``plan``'s tensors and return ``m̂/(√v̂+ε)`` per segment.
+    def adam_direction(
+        self,
+        plan: StepPlan,
+        grads: list[torch.Tensor],
+        eps_key: str,
+        params: list[torch.Tensor] | None = None,
+        weight_decays: list[float] | None = None,
+    ) -> list[torch.Tensor]:
+        """Update the Adam moments of ``plan``'s tensors; return ``m̂/(√v̂+ε) (+ βw)`` per segment.
 
         β's, ε (group key ``eps_key``), the step count and ``bias_correction`` (default
         True) come from each segment's parameter group.
@@ -309,6 +316,8 @@ class LayerwiseOptimizer(Optimizer):
             [1 - a**n if c else 1.0 for a, n, c in zip(b1, t, corr)],
             [1 - a**n if c else 1.0 for a, n, c in zip(b2, t, corr)],
             [g[eps_key] for g in seg_group],
+            params,
+            weight_decays,
         )
 
     def workspace(self, tensor: torch.Tensor) -> torch.Tensor:

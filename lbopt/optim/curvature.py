@@ -23,7 +23,7 @@ from lbopt.optim.base import (
     check_clip,
     check_range,
 )
-from lbopt.rules.direction import add_scaled_, decayed_direction, descend, momentum_update
+from lbopt.rules.direction import add_scaled_, descend, momentum_update
 from lbopt.rules.scale import (
     curvature_rate,
     ema_update,
@@ -253,8 +253,7 @@ class CBLR(LayerwiseOptimizer):
             self._adam_step(plan, params, grads, step_sizes, wd_seg)
 
     def _adam_step(self, plan: StepPlan, params, grads, step_sizes, wd_seg) -> None:
-        d = self.adam_direction(plan, grads, "adam_eps")
-        descend(params, decayed_direction(params, d, wd_seg), step_sizes)
+        descend(params, self.adam_direction(plan, grads, "adam_eps", params, wd_seg), step_sizes)
 
 
 class MCLR(CBLR):

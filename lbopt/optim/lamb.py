@@ -15,7 +15,7 @@ from lbopt.optim.base import (
     check_clip,
     check_range,
 )
-from lbopt.rules.direction import decayed_direction, descend
+from lbopt.rules.direction import descend
 from lbopt.rules.scale import trust_ratio
 from lbopt.stats import sq_norm
 
@@ -87,9 +87,8 @@ class LAMB(LayerwiseOptimizer):
             return
         self._bump_step()
         dev = guard.device
-        d = self.adam_direction(plan, grads, "eps")
         wd_l = self.layer_hparam("weight_decay", dev) * self.layer_mask("decay", dev)
-        u = decayed_direction(params, d, plan.seg_values(wd_l))
+        u = self.adam_direction(plan, grads, "eps", params, plan.seg_values(wd_l))
         norms = plan.stats.sums([sq_norm(params), sq_norm(u)], with_count=False).sqrt()
         ratio = trust_ratio(norms[0], norms[1])
         lo_hi = self.trust_clip()

@@ -4,7 +4,7 @@ Nothing here knows about shards: directions act elementwise on lists of segment 
 scales are functions of per-layer sums produced by :mod:`lbopt.stats`.
 """
 
-from lbopt.rules.direction import adam_direction, add_scaled_, decayed_direction, descend, momentum_update
+from lbopt.rules.direction import adam_direction, add_scaled_, descend, momentum_update
 from lbopt.rules.scale import (
     curvature_rate,
     ema_update,
@@ -17,7 +17,6 @@ from lbopt.rules.scale import (
 __all__ = [
     "adam_direction",
     "add_scaled_",
-    "decayed_direction",
     "descend",
     "curvature_rate",
     "ema_update",

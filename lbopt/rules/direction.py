@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["adam_direction", "add_scaled_", "decayed_direction", "descend", "momentum_update"]
+__all__ = ["adam_direction", "add_scaled_", "descend", "momentum_update"]
 
 Tensors = list[torch.Tensor]
 
@@ -87,28 +87,28 @@ def adam_direction(
     bias_correction1: Sequence[float],
     bias_correction2: Sequence[float],
     eps: Sequence[float],
+    params: Tensors | None = None,
+    weight_decays: Sequence[float] | None = None,
 ) -> Tensors:
     """Adam moments in place and the bias-corrected direction (Kingma & Ba 2015).
 
-    ``m ← β₁m + (1−β₁)g``, ``v ← β₂v + (1−β₂)g²``, returns ``m̂ / (√v̂ + ε)`` with
-    ``m̂ = m/(1−β₁ᵗ)``, ``v̂ = v/(1−β₂ᵗ)`` (one new tensor per segment).
+    ``m ← β₁m + (1−β₁)g``, ``v ← β₂v + (1−β₂)g²``; returns ``u = m̂ / (√v̂ + ε) + βw`` with
+    ``m̂ = m/(1−β₁ᵗ)``, ``v̂ = v/(1−β₂ᵗ)`` (decoupled decay ``βw`` only when ``params`` and
+    ``weight_decays`` are given), as one new tensor per entry: ``u = βw``, then one
+    ``addcdiv`` adds ``(1/(1−β₁ᵗ))·m/(√v̂+ε)``.
     """
     torch._foreach_lerp_(exp_avg, grads, [1.0 - b for b in beta1])
     _scale_(exp_avg_sq, beta2)
     torch._foreach_addcmul_(exp_avg_sq, grads, grads, [1.0 - b for b in beta2])
-    direction = torch._foreach_sqrt(exp_avg_sq)
-    _scale_(direction, [1.0 / c**0.5 for c in bias_correction2])
-    torch._foreach_add_(direction, list(eps))
-    torch._foreach_reciprocal_(direction)
-    torch._foreach_mul_(direction, exp_avg)
-    _scale_(direction, [1.0 / c for c in bias_correction1])
-    return direction
-
-
-def decayed_direction(params: Tensors, direction: Tensors, weight_decays: Sequence[float]) -> Tensors:
-    """``u = d + βw`` per segment (decoupled decay; ``direction`` is updated in place and returned)."""
-    add_scaled_(direction, params, weight_decays)
-    return direction
+    denom = torch._foreach_sqrt(exp_avg_sq)
+    _scale_(denom, [1.0 / c**0.5 for c in bias_correction2])
+    torch._foreach_add_(denom, list(eps))
+    if params is not None and weight_decays is not None and any(weight_decays):
+        update = torch._foreach_mul(params, list(weight_decays))
+    else:
+        update = [torch.zeros_like(m) for m in exp_avg]
+    torch._foreach_addcdiv_(update, exp_avg, denom, [1.0 / c for c in bias_correction1])
+    return update
 
 
 def descend(params: Tensors, updates: Tensors, step_sizes: Sequence[float]) -> None:
