@@ -348,7 +348,11 @@ class LayerwiseOptimizer(Optimizer):
                 loss = closure()
         plan = self._plan()
         if plan is not None:
-            self._step(plan)
+            self._closure = closure
+            try:
+                self._step(plan)
+            finally:
+                self._closure = None
         return loss
 
     def _step(self, plan: StepPlan) -> None:

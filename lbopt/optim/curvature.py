@@ -35,9 +35,9 @@ from lbopt.stats import Quantity, sq_norm, sq_norm_now
 
 __all__ = ["CBLR", "CURVATURE_ESTIMATORS", "MCLR"]
 
-CURVATURE_ESTIMATORS = ("secant", "weight_ratio")
+CURVATURE_ESTIMATORS = ("secant", "weight_ratio", "hvp")
 DIRECTIONS = ("momentum", "adam")
-_DEFAULT_EMA = {"secant": 0.9, "weight_ratio": 0.0}
+_DEFAULT_EMA = {"secant": 0.9, "weight_ratio": 0.0, "hvp": 0.9}
 
 
 class CBLR(LayerwiseOptimizer):
@@ -47,6 +47,7 @@ class CBLR(LayerwiseOptimizer):
 
         C_l  = secant:       ‖h_t − h_{t−1}‖ / ‖w_t − w_{t−1}‖,   h = g + βw
                weight_ratio: (‖g‖ + β‖w‖) / ‖w‖
+               hvp:          ĝ_lᵀ H_ll ĝ_l,  ĝ_l = g_l/‖g_l‖   (every ``hvp_interval`` steps)
         Ĉ_l ← ρ Ĉ_l + (1 − ρ) C_l                       (first estimate initialises Ĉ)
         λ_l  = clip(κ / (Ĉ_l + ε), lo, hi)              (1 if no usable estimate)
 
@@ -60,6 +61,14 @@ class CBLR(LayerwiseOptimizer):
     back to the previous EMA, else to ``weight_ratio``. With ``curvature="weight_ratio"``
     and the defaults, CBLR *is* LARS: same hyperparameter names and defaults, same numbers.
 
+    ``hvp`` needs ``step(closure)`` with the usual PyTorch closure (zero the gradients,
+    forward, backward, return the loss). The layer-diagonal Hessian block along the
+    gradient is probed by a forward difference, one closure call per adapted layer:
+    ``ĝ_lᵀ(∇_l L(w + δ_l ĝ_l) − ∇_l L(w))/δ_l`` with ``δ_l = hvp_delta·max(‖w_l‖, 1)``
+    (exact for quadratics; the weights and gradients are restored bit-exactly). It works
+    on one process and under DDP (the closure's backward averages the probe gradients);
+    sharded layouts (ZeRO) are refused.
+
     Args:
         params: parameters, ``(name, param)`` pairs (enables name-based ``exclude`` and
             ``layer_grouping="module"``) or param-group dicts.
@@ -71,7 +80,10 @@ class CBLR(LayerwiseOptimizer):
         nesterov: Nesterov momentum (needs ``momentum > 0``).
         trust_clip: ``(lo, hi)`` bounds on λ (so on ``η_l/η``), or None.
         curvature: ``"secant"`` (default) or ``"weight_ratio"``.
-        curvature_ema: ρ ∈ [0, 1); None picks 0.9 for ``secant`` (a noisy estimate) and 0
+        hvp_interval: with ``curvature="hvp"``, re-estimate every this many steps (the EMA
+            carries the estimate in between).
+        hvp_delta: relative probe size δ for the ``hvp`` finite difference.
+        curvature_ema: ρ ∈ [0, 1); None picks 0.9 for ``secant``/``hvp`` (noisy) and 0
             for ``weight_ratio`` (a closed form of the current weights and gradient).
         direction: ``"momentum"`` or ``"adam"``; ``betas`` and ``adam_eps`` for the latter.
         exclude: which parameters are not adapted and not decayed (default: ``ndim <= 1``);
@@ -100,6 +112,8 @@ class CBLR(LayerwiseOptimizer):
         *,
         curvature: str = "secant",
         curvature_ema: float | None = None,
+        hvp_interval: int = 10,
+        hvp_delta: float = 1e-3,
         direction: str = "momentum",
         betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
@@ -130,8 +144,14 @@ class CBLR(LayerwiseOptimizer):
             if not 0.0 <= b < 1.0:
                 raise ValueError(f"Invalid betas[{i}]: {b!r}; expected a number in [0, 1)")
         check_range("adam_eps", adam_eps, 0.0, float("inf"))
+        if not (isinstance(hvp_interval, int) and hvp_interval >= 1):
+            raise ValueError(f"Invalid hvp_interval: {hvp_interval!r}; expected an integer >= 1")
+        check_range("hvp_delta", hvp_delta, 0.0, float("inf"), lo_open=True)
         self.curvature = curvature
         self.curvature_ema = float(curvature_ema)
+        self.hvp_interval = hvp_interval
+        self.hvp_delta = float(hvp_delta)
+        self._hvp_calls = 0
         self.direction = direction
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
@@ -164,7 +184,12 @@ class CBLR(LayerwiseOptimizer):
         wd_l = self.layer_hparam("weight_decay", dev) * self.layer_mask("decay", dev)
         w_norm, g_norm = sums[0].sqrt(), sums[1].sqrt()
         ratio = weight_ratio_curvature(w_norm, g_norm, wd_l)
-        estimate = secant_curvature(sums[2].sqrt(), sums[3].sqrt()) if secant else ratio
+        if secant:
+            estimate = secant_curvature(sums[2].sqrt(), sums[3].sqrt())
+        elif self.curvature == "hvp":
+            estimate = self._hvp_curvature(layout, params, g_norm, present)
+        else:
+            estimate = ratio
         ema, has = self._curvature_ema(dev)
         ema, has = ema_update(ema, has, estimate, self.curvature_ema, present)
         self.layer_state["curvature"], self.layer_state["has_curvature"] = ema, has
@@ -175,9 +200,54 @@ class CBLR(LayerwiseOptimizer):
             torch._foreach_copy_(prev_h, grads)
             add_scaled_(prev_h, params, wd_seg)
             used = torch.where(has, ema, ratio)
+        elif self.curvature == "hvp":
+            used = torch.where(has, ema, ratio)
         else:
             used = ema if self.curvature_ema > 0 else estimate
         return used, present
+
+    def _hvp_curvature(self, layout, params, g_norm: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """``ĝ_lᵀ H_ll ĝ_l`` per adapted layer by forward differences (NaN where not probed)."""
+        estimate = torch.full_like(g_norm, float("nan"))
+        due = self._hvp_calls % self.hvp_interval == 0
+        self._hvp_calls += 1
+        if not due:
+            return estimate
+        if layout.sharded:
+            raise RuntimeError(
+                "CBLR(curvature='hvp') needs whole parameters (one process or DDP); under ZeRO use "
+                "curvature='secant' (the default), which is exact on partitions"
+            )
+        if self._closure is None:
+            raise RuntimeError(
+                "CBLR(curvature='hvp') needs step(closure): a closure that zeroes the gradients, runs "
+                "forward and backward, and returns the loss"
+            )
+        held = [t.grad for t in layout.tensors]
+        saved = [g.detach().clone() for g in held]
+        grads = layout.views(saved)
+        adapt = self.layer_mask("adapt", g_norm.device)
+        for layer in torch.nonzero(adapt & present & (g_norm > 0)).flatten().tolist():
+            segs = [i for i, s in enumerate(layout.segments) if s.layer == layer]
+            w_norm = float(torch.stack([params[i].norm() for i in segs]).norm())
+            delta = self.hvp_delta * max(w_norm, 1.0)
+            scale = delta / float(g_norm[layer])
+            originals = [params[i].detach().clone() for i in segs]
+            for i in segs:
+                params[i].add_(grads[i], alpha=scale)
+            with torch.enable_grad():
+                self._closure()
+            for i, orig in zip(segs, originals):
+                params[i].copy_(orig)
+            probe = layout.views([t.grad for t in layout.tensors])
+            dot = sum(float(torch.dot((probe[i] - grads[i]).reshape(-1).double(), grads[i].reshape(-1).double()))
+                      for i in segs)
+            estimate[layer] = dot / (float(g_norm[layer]) * delta)
+        # The closure may have zeroed the step's gradient tensors in place or replaced them.
+        for t, grad, copy in zip(layout.tensors, held, saved):
+            grad.copy_(copy)
+            t.grad = grad
+        return estimate
 
     def _secant_quantities(self, layout, known: list[int], params, grads, wd_seg) -> list[Quantity]:
         """``‖Δh‖²`` and ``‖Δw‖²`` over the ``known`` segments, through one reusable workspace.
