@@ -158,7 +158,7 @@ class LayerwiseOptimizer(Optimizer):
         self.layer_state: dict[str, torch.Tensor] = {}
         self._plans: dict[tuple[int, ...], StepPlan] = {}
         self._last: dict[str, torch.Tensor] = {}
-        self._workspaces: dict[torch.Tensor, torch.Tensor] = {}
+        self._workspaces: dict[tuple[int, str], torch.Tensor] = {}
         super().__init__(_dedupe_params(params), defaults)
         self._build_layer_table()
 
@@ -311,6 +311,8 @@ class LayerwiseOptimizer(Optimizer):
             grads,
             layout.views([self.buffer(x, "exp_avg") for x in layout.tensors]),
             layout.views([self.buffer(x, "exp_avg_sq") for x in layout.tensors]),
+            layout.views([self.workspace(x, "adam_denom") for x in layout.tensors]),
+            layout.views([self.workspace(x, "adam_update") for x in layout.tensors]),
             b1,
             b2,
             [1 - a**n if c else 1.0 for a, n, c in zip(b1, t, corr)],
@@ -320,12 +322,20 @@ class LayerwiseOptimizer(Optimizer):
             weight_decays,
         )
 
-    def workspace(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A reusable work buffer shaped like ``tensor``; not optimizer state, never checkpointed."""
-        buf = self._workspaces.get(tensor)
-        if buf is None or buf.shape != tensor.shape:
+    def workspace(self, tensor: torch.Tensor, slot: str = "work") -> torch.Tensor:
+        """A work buffer shaped like ``tensor``; not optimizer state, never checkpointed.
+
+        On CPU it is kept between steps (a fresh model-sized allocation page-faults its
+        memory in again every step); on accelerators it is transient, so the caching
+        allocator can lend the memory to activations between steps.
+        """
+        if tensor.device.type != "cpu":
+            return torch.empty_like(tensor)
+        key = (id(tensor), slot)
+        buf = self._workspaces.get(key)
+        if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype:
             buf = torch.empty_like(tensor)
-            self._workspaces[tensor] = buf
+            self._workspaces[key] = buf
         return buf
 
     def buffer(self, tensor: torch.Tensor, name: str, init: str = "zeros") -> torch.Tensor:

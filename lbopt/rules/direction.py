@@ -82,6 +82,8 @@ def adam_direction(
     grads: Tensors,
     exp_avg: Tensors,
     exp_avg_sq: Tensors,
+    denom: Tensors,
+    update: Tensors,
     beta1: Sequence[float],
     beta2: Sequence[float],
     bias_correction1: Sequence[float],
@@ -92,21 +94,24 @@ def adam_direction(
 ) -> Tensors:
     """Adam moments in place and the bias-corrected direction (Kingma & Ba 2015).
 
-    ``m ← β₁m + (1−β₁)g``, ``v ← β₂v + (1−β₂)g²``; returns ``u = m̂ / (√v̂ + ε) + βw`` with
-    ``m̂ = m/(1−β₁ᵗ)``, ``v̂ = v/(1−β₂ᵗ)`` (decoupled decay ``βw`` only when ``params`` and
-    ``weight_decays`` are given), as one new tensor per entry: ``u = βw``, then one
-    ``addcdiv`` adds ``(1/(1−β₁ᵗ))·m/(√v̂+ε)``.
+    ``m ← β₁m + (1−β₁)g``, ``v ← β₂v + (1−β₂)g²``; writes ``u = m̂ / (√v̂ + ε) + βw`` with
+    ``m̂ = m/(1−β₁ᵗ)``, ``v̂ = v/(1−β₂ᵗ)`` into ``update`` and returns it (decoupled decay
+    ``βw`` only when ``params`` and ``weight_decays`` are given). ``denom`` and ``update``
+    are caller-provided work buffers: ``u = βw``, then one ``addcdiv`` adds
+    ``(1/(1−β₁ᵗ))·m/(√v̂+ε)``.
     """
     torch._foreach_lerp_(exp_avg, grads, [1.0 - b for b in beta1])
     _scale_(exp_avg_sq, beta2)
     torch._foreach_addcmul_(exp_avg_sq, grads, grads, [1.0 - b for b in beta2])
-    denom = torch._foreach_sqrt(exp_avg_sq)
+    torch._foreach_copy_(denom, exp_avg_sq)
+    torch._foreach_sqrt_(denom)
     _scale_(denom, [1.0 / c**0.5 for c in bias_correction2])
     torch._foreach_add_(denom, list(eps))
     if params is not None and weight_decays is not None and any(weight_decays):
-        update = torch._foreach_mul(params, list(weight_decays))
+        torch._foreach_copy_(update, params)
+        torch._foreach_mul_(update, list(weight_decays))
     else:
-        update = [torch.zeros_like(m) for m in exp_avg]
+        torch._foreach_zero_(update)
     torch._foreach_addcdiv_(update, exp_avg, denom, [1.0 / c for c in bias_correction1])
     return update
 
