@@ -39,9 +39,11 @@ BUDGET=${LBOPT_MAIN_BUDGET_S:-250}
 OPT=${LBOPT_MAIN_OPT:-lamb}
 LR=${LBOPT_MAIN_LR:-5e-3}             # at reference batch 256; sqrt scaling -> 1e-2 at 1024
 BASELINE_LR=${LBOPT_MAIN_BASELINE_LR:-5e-4}   # AdamW, same rule -> 1e-3 at 1024
-# LAMB as in its paper: trust ratios on every tensor, LayerNorm and biases included (lbopt's
-# default leaves 1-D tensors unadapted, which moves LayerNorm gains by the raw rate each step)
-OPT_ARGS=${LBOPT_MAIN_OPT_ARGS:-$([[ $OPT == lamb ]] && echo '{"exclude": false}' || echo '{}')}
+# LAMB with trust ratios on every pretrained tensor (LayerNorm gains and biases included, as in
+# its paper) but not on the freshly initialised classifier head: a new head's weights are tiny
+# (init std 0.02), so ‖w‖/‖u‖ would slow it ~50x in the few steps there are. The head takes the
+# plain (Adam-direction) rate instead.
+OPT_ARGS=${LBOPT_MAIN_OPT_ARGS:-$([[ $OPT == lamb ]] && echo '{"exclude": "^classifier\\."}' || echo '{}')}
 rm -rf "$OUT"
 mkdir -p "$OUT"
 
