@@ -30,6 +30,7 @@ OPTIMIZERS = ("cblr", "mclr", "lamb", "lars", "adadagrad", "adadagradnorm", "ada
 LR_SCALING = ("none", "linear", "sqrt")
 SCHEDULES = ("linear", "cosine", "constant")
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
+ADAPTIVE_OPTIMIZERS = ("adadagrad", "adadagradnorm")  # own a BatchSizeController: the global batch grows
 
 
 def die(message: str) -> None:
@@ -78,6 +79,13 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     )
     p.add_argument("--global_batch_size", type=int, default=1024, help="samples per optimizer step, all ranks")
     p.add_argument("--per_device_batch_size", type=int, default=32, help="micro-batch per process")
+    p.add_argument(
+        "--max_global_batch_size",
+        type=int,
+        default=None,
+        help="adadagrad/adadagradnorm: cap of the adaptive global batch (default: 8 x --global_batch_size); "
+        "--global_batch_size is the initial batch",
+    )
     p.add_argument(
         "--gradient_accumulation_steps",
         type=int,
@@ -185,6 +193,29 @@ def resolve_batch(args: argparse.Namespace) -> None:
     args.world_size, args.per_device_batch_size, args.gradient_accumulation_steps = world, m, a
 
 
+def _check_adaptive(args: argparse.Namespace) -> None:
+    """AdAdaGrad*: validate the adaptive batch (B_max, engine) before any process group exists."""
+    unit = args.per_device_batch_size * args.world_size
+    if args.max_global_batch_size is None:
+        args.max_global_batch_size = 8 * args.global_batch_size
+    B, B_max = args.global_batch_size, args.max_global_batch_size
+    if B_max < B or B_max % unit:
+        die(
+            f"--max_global_batch_size {B_max} must be >= --global_batch_size {B} and a multiple of "
+            f"per_device_batch_size x world size = {unit}"
+        )
+    if args.optimizer_kwargs.get("estimator", "microbatch") == "microbatch" and B // args.per_device_batch_size < 2:
+        die(
+            f"--optimizer {args.optimizer} estimates gradient noise from micro-batches: --global_batch_size {B} "
+            f"needs at least 2 micro-batches of --per_device_batch_size {args.per_device_batch_size}"
+        )
+    if deepspeed_config_path(args) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        die(
+            f"--optimizer {args.optimizer} (adaptive batch) is not supported under DeepSpeed by the recipes yet; "
+            "launch without DeepSpeed (e.g. integrations/accelerate/cpu.yaml or a plain multi-GPU config)"
+        )
+
+
 def default_lr(optimizer: str) -> float:
     """The optimizer class's own default rate (LARS-style rules: 1.0 times a small trust coefficient)."""
     if optimizer == "adamw":
@@ -228,6 +259,8 @@ def parse_args(task: Task, argv: list[str] | None = None) -> tuple[argparse.Name
     if not 0 <= args.warmup_ratio < 1:
         die(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
     resolve_batch(args)
+    if args.optimizer in ADAPTIVE_OPTIMIZERS:
+        _check_adaptive(args)
     ds_path = deepspeed_config_path(args)
     args.deepspeed_settings = _read_json(ds_path, "DeepSpeed config") if ds_path else None
     if args.deepspeed_settings is not None and "optimizer" in args.deepspeed_settings:
@@ -287,7 +320,13 @@ def create_optimizer(args: argparse.Namespace, model, lr: float):
     except ImportError:
         pass
     cls = lbopt.get_optimizer_class(args.optimizer)
-    return cls(groups, lr=lr, weight_decay=args.weight_decay, **args.optimizer_kwargs)
+    kwargs = dict(args.optimizer_kwargs)
+    if args.optimizer in ADAPTIVE_OPTIMIZERS:  # the BatchSizeController, from the batch arguments
+        kwargs.setdefault("initial_batch_size", args.global_batch_size)
+        kwargs.setdefault("max_batch_size", args.max_global_batch_size)
+        kwargs.setdefault("micro_batch_size", args.per_device_batch_size)
+        kwargs.setdefault("world_size", args.world_size)
+    return cls(groups, lr=lr, weight_decay=args.weight_decay, **kwargs)
 
 
 def lr_lambda(args: argparse.Namespace, total_steps: int) -> Callable[[int], float]:
@@ -410,12 +449,16 @@ def main(task: Task, argv: list[str] | None = None) -> dict:
         # DeepSpeed on CPU (DS_ACCELERATOR=cpu): accelerate only counts the ranks when told the backend
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     deepspeed_requested = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    adaptive = args.optimizer in ADAPTIVE_OPTIMIZERS  # checked in parse_args: not under DeepSpeed
     accelerator = Accelerator(
         # no accelerator at all: torchrun-launched ranks (integrations/accelerate/cpu.yaml) run gloo DDP on CPU
         cpu=not deepspeed_requested and not torch.accelerator.is_available(),
         kwargs_handlers=handlers,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False, adjust_scheduler=False
+            # adaptive batch: AdaptiveBatchLoop accumulates itself (Accelerate must not)
+            num_steps=1 if adaptive else args.gradient_accumulation_steps,
+            sync_with_dataloader=False,
+            adjust_scheduler=False,
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         mixed_precision=args.mixed_precision,
@@ -523,7 +566,21 @@ def main(task: Task, argv: list[str] | None = None) -> dict:
         accelerator.save_state(str(output_dir / "checkpoints" / f"step_{step}"))
 
     model.train()
-    stream = micro_batches(progress.step * args.gradient_accumulation_steps)
+    if adaptive:
+        from lbopt.integrations.adaptive_batch import AdaptiveBatchLoop
+
+        # fixed micro-batch, accumulation count from the optimizer's controller; the LR scheduler stays
+        # ours (one tick per optimizer step); the controller's state is in the optimizer's checkpoint
+        loop = AdaptiveBatchLoop(model, optimizer, accelerator=accelerator, lr_scheduler=None)
+        controller = loop.controller
+        stream = micro_batches(progress.samples // (args.per_device_batch_size * args.world_size))
+        adaptive_iter = loop.steps(stream)
+        # --num_epochs: the run ends once that much data is seen (steps get larger as the batch grows)
+        sample_budget = None if args.max_steps else args.num_epochs * micro_per_epoch * (
+            args.per_device_batch_size * args.world_size
+        )
+    else:
+        stream = micro_batches(progress.step * args.gradient_accumulation_steps)
     bar = tqdm(
         total=total_steps,
         initial=progress.step,
@@ -535,21 +592,33 @@ def main(task: Task, argv: list[str] | None = None) -> dict:
     running = torch.zeros((), device=accelerator.device)
     stopped_early = False
     while progress.step < total_steps:
-        batch = next(stream)
-        with accelerator.accumulate(model):
-            out = model(**batch)
-            running += out.loss.detach().float() / args.gradient_accumulation_steps
-            accelerator.backward(out.loss)
-            if accelerator.sync_gradients and not uses_deepspeed and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad()
-        if not accelerator.sync_gradients:
-            continue
+        if adaptive:
+            # no clipping here: the controller's noise test compares the unclipped micro-batch gradients
+            # with the gradient the optimizer steps on
+            adaptive_step = next(adaptive_iter)
+            for batch in adaptive_step:
+                out = model(**batch)
+                running += out.loss.detach().float() / len(adaptive_step)
+                adaptive_step.backward(out.loss)
+            adaptive_step.finish()  # optimizer step (the controller picks the next batch), zero_grad
+            step_samples = loop.batch_sizes[-1]
+        else:
+            batch = next(stream)
+            with accelerator.accumulate(model):
+                out = model(**batch)
+                running += out.loss.detach().float() / args.gradient_accumulation_steps
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients and not uses_deepspeed and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            step_samples = args.global_batch_size
         step_lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
         progress.step += 1
-        progress.samples += args.global_batch_size
+        progress.samples += step_samples
         progress.elapsed = time.time() - start_time
         loss = accelerator.reduce(running, reduction="mean").item()
         running.zero_()
@@ -557,7 +626,7 @@ def main(task: Task, argv: list[str] | None = None) -> dict:
             "step": progress.step,
             "loss": loss,
             "lr": step_lr,
-            "batch_size": args.global_batch_size,
+            "batch_size": step_samples,  # global samples of this optimizer step
             "samples": progress.samples,
             "time": progress.elapsed,
         }
@@ -569,6 +638,8 @@ def main(task: Task, argv: list[str] | None = None) -> dict:
             logged.update(
                 {f"layer/{k}": v for k, v in _scalar_stats(getattr(client_optimizer, "last_layer_stats", None)).items()}
             )
+            if adaptive:  # the controller's decision for the next step: batch/size, batch/required, ...
+                logged.update(controller.last.as_dict())
             accelerator.log(logged, step=progress.step)
         if args.time_budget_s and progress.step < total_steps:
             # every rank must agree, or the one that stops leaves the others waiting in a collective
@@ -578,6 +649,8 @@ def main(task: Task, argv: list[str] | None = None) -> dict:
             stopped_early = bool(accelerator.reduce(over, reduction="sum").item() > 0)
         if args.stop_after_steps and progress.step >= args.stop_after_steps:
             stopped_early = progress.step < total_steps
+        if adaptive and sample_budget is not None and progress.samples >= sample_budget:
+            total_steps = progress.step  # --num_epochs of data seen
         last = progress.step == total_steps or stopped_early
         if last or (args.eval_steps and progress.step % args.eval_steps == 0):
             result = evaluate()
@@ -610,6 +683,8 @@ def main(task: Task, argv: list[str] | None = None) -> dict:
         "deepspeed": uses_deepspeed,
         "zero_stage": (accelerator.state.deepspeed_plugin.zero_stage if uses_deepspeed else None),
         "global_batch_size": args.global_batch_size,
+        "max_global_batch_size": args.max_global_batch_size if adaptive else args.global_batch_size,
+        "final_global_batch_size": progress.history[-1]["batch_size"] if progress.history else None,
         "per_device_batch_size": args.per_device_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "lr": args.lr,
@@ -683,8 +758,10 @@ def write_plot(summary: dict, path: Path) -> None:
         twin.set_ylabel("learning rate")
     axes[2].set_xlabel("optimizer step")
     axes[2].set_title("batch size and learning rate")
+    batches = [b for _, b in summary["batch_size_trajectory"]] or [summary["global_batch_size"]]
+    batch_text = f"{batches[0]}" if min(batches) == max(batches) else f"{batches[0]} -> {batches[-1]}"
     fig.suptitle(
-        f"{summary['task']} / {summary['optimizer']}: global batch {summary['global_batch_size']}, "
+        f"{summary['task']} / {summary['optimizer']}: global batch {batch_text}, "
         f"{summary['steps']} steps, {summary['wall_time_s']:.0f} s"
     )
     fig.tight_layout()
