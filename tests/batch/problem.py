@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import socket
-
 import torch
 from torch import nn
+
+from tests.support import flat, free_port, rel  # noqa: F401  (re-exported as P.*)
 
 IN, HID, OUT = 6, 12, 3
 MICRO = 4
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -34,12 +30,8 @@ def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.mse_loss(model(x), y)
 
 
-def flat(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def train_stream(model: nn.Module, opt, ctrl, steps: int, rank: int = 0, world: int = 1,

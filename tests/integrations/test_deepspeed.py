@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import socket
 import subprocess
 import sys
 import types
@@ -22,6 +20,7 @@ import pytest
 import torch
 
 from tests.integrations import ds_common as C
+from tests.support import free_port, launch_env
 
 pytestmark = pytest.mark.distributed
 
@@ -30,18 +29,6 @@ ROOT = HERE.parents[1]
 TOL = 1e-5
 
 pytest.importorskip("deepspeed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return env
 
 
 def run(cmd: list[str], log: Path, timeout: int = 300) -> None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.support import free_port, launch_env  # noqa: F401  (re-exported)
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes"
@@ -17,24 +17,8 @@ if str(RECIPES) not in sys.path:
     sys.path.insert(0, str(RECIPES))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def launch_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        DS_ACCELERATOR="cpu",
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    env.pop("WORLD_SIZE", None)
-    return env
 
 
 def launch(config: str, recipe: str, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
