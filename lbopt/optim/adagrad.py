@@ -35,7 +35,7 @@ class _AdaGradBase(LayerwiseOptimizer):
 
     def _decayed_grads(self, plan: StepPlan, params, grads) -> tuple[list[torch.Tensor], bool]:
         dev = plan.stats.device
-        wd_seg = plan.seg_values(self.layer_hparam("weight_decay", dev) * self.layer_mask("decay", dev))
+        wd_seg = plan.seg_values(self.layer_weight_decay(dev))
         if any(wd_seg):
             return torch._foreach_add(grads, torch._foreach_mul(params, wd_seg)), True
         return grads, False

@@ -117,7 +117,6 @@ class StepPlan:
 
     layout: Layout
     stats: LayerStats
-    grads_of: list[int]  # index into layout.tensors for each segment (same as seg.tensor)
 
     def seg_values(self, per_layer: torch.Tensor) -> list[float]:
         """Per-segment Python floats from a per-layer tensor."""
@@ -245,7 +244,7 @@ class LayerwiseOptimizer(Optimizer):
         plan = self._plans.get(key)
         if plan is None:
             layout = resolve_layout(self.table, tensors, self._original_index)
-            plan = StepPlan(layout=layout, stats=LayerStats(layout), grads_of=[s.tensor for s in layout.segments])
+            plan = StepPlan(layout=layout, stats=LayerStats(layout))
             if len(self._plans) > 64:
                 self._plans.clear()
             self._plans[key] = plan
@@ -259,6 +258,10 @@ class LayerwiseOptimizer(Optimizer):
         groups = self._groups_by_index()
         vals = [float(groups[g][key]) if g in groups else default for g in self.table.group]
         return torch.tensor(vals, dtype=torch.float64, device=device)
+
+    def layer_weight_decay(self, device: torch.device) -> torch.Tensor:
+        """Per-layer β actually applied: the group's ``weight_decay`` where the layer decays, else 0."""
+        return self.layer_hparam("weight_decay", device) * self.layer_mask("decay", device)
 
     def layer_mask(self, which: str, device: torch.device) -> torch.Tensor:
         """``adapt`` or ``decay`` flags per layer as a bool tensor."""

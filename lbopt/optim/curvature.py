@@ -162,10 +162,12 @@ class CBLR(LayerwiseOptimizer):
         )
 
     # ------------------------------------------------------------------ statistics
-    def _layer_curvature(self, plan: StepPlan, params, grads, wd_seg) -> tuple[torch.Tensor, ...] | None:
+    def _layer_curvature(
+        self, plan: StepPlan, params, grads, wd_l: torch.Tensor, wd_seg: list[float]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """One all-reduce: ‖w‖², ‖g‖² (and ‖Δh‖², ‖Δw‖² for the secant) per layer.
 
-        Returns ``(curvature used, weight-ratio curvature, present mask)`` or None when
+        Returns ``(curvature used, present mask)`` or None when
         the step must be skipped (non-finite gradient).
         """
         layout = plan.layout
@@ -180,8 +182,6 @@ class CBLR(LayerwiseOptimizer):
         present = sums[-1] > 0
         if self.nonfinite(torch.where(present, sums[1], 0.0)):
             return None
-        dev = sums.device
-        wd_l = self.layer_hparam("weight_decay", dev) * self.layer_mask("decay", dev)
         w_norm, g_norm = sums[0].sqrt(), sums[1].sqrt()
         ratio = weight_ratio_curvature(w_norm, g_norm, wd_l)
         if secant:
@@ -190,7 +190,7 @@ class CBLR(LayerwiseOptimizer):
             estimate = self._hvp_curvature(layout, params, g_norm, present)
         else:
             estimate = ratio
-        ema, has = self._curvature_ema(dev)
+        ema, has = self._curvature_ema(sums.device)
         ema, has = ema_update(ema, has, estimate, self.curvature_ema, present)
         self.layer_state["curvature"], self.layer_state["has_curvature"] = ema, has
         if secant:
@@ -301,9 +301,9 @@ class CBLR(LayerwiseOptimizer):
         params = layout.views()
         grads = layout.views([t.grad for t in layout.tensors])
         dev = plan.stats.device
-        wd_l = self.layer_hparam("weight_decay", dev) * self.layer_mask("decay", dev)
+        wd_l = self.layer_weight_decay(dev)
         wd_seg = plan.seg_values(wd_l)
-        result = self._layer_curvature(plan, params, grads, wd_seg)
+        result = self._layer_curvature(plan, params, grads, wd_l, wd_seg)
         if result is None:
             return
         used, present = result

@@ -87,8 +87,7 @@ class LAMB(LayerwiseOptimizer):
             return
         self._bump_step()
         dev = guard.device
-        wd_l = self.layer_hparam("weight_decay", dev) * self.layer_mask("decay", dev)
-        u = self.adam_direction(plan, grads, "eps", params, plan.seg_values(wd_l))
+        u = self.adam_direction(plan, grads, "eps", params, plan.seg_values(self.layer_weight_decay(dev)))
         norms = plan.stats.sums([sq_norm(params), sq_norm(u)], with_count=False).sqrt()
         ratio = trust_ratio(norms[0], norms[1])
         lo_hi = self.trust_clip()
