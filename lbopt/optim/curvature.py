@@ -33,7 +33,7 @@ from lbopt.rules.scale import (
     ratio_ema_update,
     weight_ratio_curvature,
 )
-from lbopt.stats import Quantity, dot, sq_norm, sq_norm_now
+from lbopt.stats import Quantity, dot, sq_norm
 
 __all__ = ["CBLR", "CURVATURE_ESTIMATORS", "MCLR"]
 
@@ -251,8 +251,7 @@ class CBLR(LayerwiseOptimizer):
         torch._foreach_sub_(dh, [self._history_view(layout, i, "prev_grad") for i in known])
         torch._foreach_copy_(dw, [params[i] for i in known])
         torch._foreach_sub_(dw, [self._history_view(layout, i, "prev_param") for i in known])
-        dots = torch.stack([torch.dot(a.reshape(-1).double(), b.reshape(-1).double()) for a, b in zip(dh, dw)])
-        return [sq_norm_now(dh, known), Quantity((), None, known, dots), sq_norm_now(dw, known)]
+        return [sq_norm(dh, known), Quantity(dh, dw, known), sq_norm(dw, known)]
 
     def _remember(self, layout, params, grads, wd_seg) -> None:
         """Keep ``w_t`` and ``h_t`` for the next secant (after the guard: no NaN gets in)."""
