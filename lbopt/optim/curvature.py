@@ -190,6 +190,9 @@ class CBLR(LayerwiseOptimizer):
         self.initial_step = float(initial_step)
         self.rate_growth = float(rate_growth)
         self.max_update = None if max_update is None else float(max_update)
+        # Excluded layers take the median rate of the adapted ones (model step): that spans groups,
+        # so engine adapters must hand every group to one step() call.
+        self.needs_all_groups = self.model_step or self.uses_median
         self.hvp_interval = hvp_interval
         self.hvp_delta = float(hvp_delta)
         self._hvp_calls = 0
