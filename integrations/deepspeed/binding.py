@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,7 +135,12 @@ def bind(engine: Any) -> DeepSpeedBinding:
 
 
 def _config_dict(config: Any) -> dict[str, Any]:
-    if isinstance(config, str):
+    if config is None:
+        raise TypeError(
+            "lbopt.integrations.deepspeed.initialize needs config= (a dict or the path of a DeepSpeed JSON file); "
+            "pass the file you would give as --deepspeed_config"
+        )
+    if isinstance(config, str | os.PathLike):
         with open(config) as f:
             return json.load(f)
     if not isinstance(config, dict):
@@ -142,8 +148,8 @@ def _config_dict(config: Any) -> dict[str, Any]:
     return copy.deepcopy(config)
 
 
-def initialize(*, model: Any, config: dict[str, Any] | str, optimizer: Any = None, model_parameters: Any = None,
-               **kwargs: Any) -> tuple[Any, Any, Any, Any]:
+def initialize(*, model: Any, config: dict[str, Any] | str | os.PathLike | None = None, optimizer: Any = None,
+               model_parameters: Any = None, **kwargs: Any) -> tuple[Any, Any, Any, Any]:
     """``deepspeed.initialize`` with lbopt optimizers bound; same arguments and return value.
 
     An lbopt optimizer may be passed as ``optimizer`` or named by the config's
