@@ -178,6 +178,7 @@ def _valid_names() -> str:
 # --------------------------------------------------------------------------- install / uninstall
 _LOCK = threading.RLock()
 _ORIGINALS: dict[str, Any] = {}  # DeepSpeedEngine member -> its original; empty when not installed
+_INSTALLING = False
 _MARK = "__lbopt_original__"
 
 
@@ -226,27 +227,34 @@ def install() -> bool:
     """
     if disabled_by_environment():
         return False
+    global _INSTALLING
     with _LOCK:
-        if _ORIGINALS:
+        if _ORIGINALS or _INSTALLING:  # done, or a re-entrant call while DeepSpeed is being imported
             return True
-        import deepspeed.runtime.engine as ds_engine
-
-        if _ORIGINALS:  # installed while DeepSpeed was being imported
-            return True
-        check_deepspeed()
-        cls = ds_engine.DeepSpeedEngine
-        for name, make in (
-            ("_configure_basic_optimizer", _configure_basic_optimizer),
-            ("_is_supported_optimizer", _is_supported_optimizer),
-            ("_configure_optimizer", _configure_optimizer),
-        ):
-            current = cls.__dict__[name]
-            original = getattr(current, _MARK, current)  # never wrap a wrapper
-            wrapper = make(original)
-            setattr(wrapper, _MARK, original)
-            _ORIGINALS[name] = original
-            setattr(cls, name, wrapper)
+        _INSTALLING = True
+        try:
+            _wrap_engine_methods()
+        finally:
+            _INSTALLING = False
         return True
+
+
+def _wrap_engine_methods() -> None:
+    import deepspeed.runtime.engine as ds_engine
+
+    check_deepspeed()
+    cls = ds_engine.DeepSpeedEngine
+    for name, make in (
+        ("_configure_basic_optimizer", _configure_basic_optimizer),
+        ("_is_supported_optimizer", _is_supported_optimizer),
+        ("_configure_optimizer", _configure_optimizer),
+    ):
+        current = cls.__dict__[name]
+        original = getattr(current, _MARK, current)  # never wrap a wrapper
+        wrapper = make(original)
+        setattr(wrapper, _MARK, original)
+        _ORIGINALS[name] = original
+        setattr(cls, name, wrapper)
 
 
 def uninstall() -> None:

@@ -43,6 +43,8 @@ def ds_config(args: argparse.Namespace, world: int, name: str) -> dict:
             zero["sub_group_size"] = args.sub_group_size
     if args.offload:
         zero["offload_optimizer"] = {"device": "cpu"}
+        if args.stage == 3:  # as integrations/deepspeed_configs/zero3_offload.json: parameters too
+            zero["offload_param"] = {"device": "cpu"}
     cfg: dict = {
         "train_micro_batch_size_per_gpu": C.GLOBAL_BATCH // world,
         "gradient_accumulation_steps": 1,

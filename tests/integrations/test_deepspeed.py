@@ -73,13 +73,14 @@ def err(values: list[float], name: str) -> float:
 # (stage, world size, offload_optimizer to CPU, ZeRO-3 sub_group_size, zero.Init, route). With 2
 # ranks the ZeRO-1/2 partition of the matrices' group cuts through the middle weight matrix;
 # with sub_group_size=100 ZeRO-3 splits each parameter group into several sub-groups;
-# zero.Init hands the optimizer parameters that are already partitioned (HF under ZeRO-3).
+# zero.Init hands the optimizer parameters that are already partitioned (HF under ZeRO-3);
+# ZeRO-3 "offload" moves optimizer state *and* parameters to CPU, as zero3_offload.json does.
 # The route is how the engine is bound (ds_worker.py): lbopt's initialize, install() + the
 # config route, or bind() after a plain deepspeed.initialize with an optimizer object.
 MATRIX = [
     (0, 2, False, 0, False, "bind"), (1, 2, False, 0, False, "bind"),
     (2, 2, False, 0, False, "install"), (2, 2, True, 0, False, "initialize"),
-    (3, 2, False, 0, True, "initialize"), (3, 2, True, 0, False, "install"),
+    (3, 2, False, 0, True, "initialize"), (3, 2, True, 0, True, "install"),
     (3, 4, False, 100, False, "initialize"),
 ]
 
