@@ -392,3 +392,24 @@ def test_layouts_claim_only_their_own_partitions() -> None:
     assert DeepSpeedLayouts([])(opt.table, [flat]) is None  # another engine's resolver: not its tensors
     opt.layout_resolver = layouts
     assert getattr(copy.deepcopy(opt), "layout_resolver", None) is None  # a copy is bound to no engine
+
+
+def test_deepspeed_lamb_params_keep_deepspeed_meaning() -> None:
+    """DeepSpeed's "Lamb" parameters map onto lbopt's LAMB; what has no equivalent is refused with the fix."""
+    from lbopt.integrations.deepspeed import UnsupportedDeepSpeedConfig, lbopt_optimizer_class
+    from lbopt.integrations.deepspeed.config import deepspeed_lamb_kwargs
+
+    import lbopt
+
+    assert deepspeed_lamb_kwargs({}) == dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                                             bias_correction=True, trust_clip=(0.01, 10.0), exclude=False)
+    mapped = deepspeed_lamb_kwargs({"lr": 0.1, "max_coeff": 3, "min_coeff": 0.5, "betas": [0.8, 0.99]})
+    assert mapped["trust_clip"] == (0.5, 3.0) and mapped["betas"] == (0.8, 0.99)
+    opt = lbopt.LAMB(C.make_model().parameters(), **mapped)  # the mapping is valid LAMB input
+    assert all(opt.table.adapt)  # every tensor adapted (biases too), as in DeepSpeed's kernel
+    for bad, word in [({"amsgrad": True}, "amsgrad"), ({"eps_inside_sqrt": True}, "eps_inside_sqrt"),
+                      ({"trust_clip": [0, 1]}, "lbopt.LAMB")]:
+        with pytest.raises(UnsupportedDeepSpeedConfig, match=word):
+            deepspeed_lamb_kwargs(bad)
+    assert lbopt_optimizer_class("lbopt.LAMB") is lbopt.LAMB and lbopt_optimizer_class("cblr") is lbopt.CBLR
+    assert lbopt_optimizer_class("AdamW") is None
