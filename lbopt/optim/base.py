@@ -170,11 +170,6 @@ def _compile_pattern(pattern: str) -> re.Pattern[str]:
         raise ValueError(f"Invalid exclude pattern {pattern!r}: {err}") from None
 
 
-def exclusion_predicate(exclude: ExcludeSpec) -> Exclusion:
-    """Turn the ``exclude`` argument into ``(name, param) -> bool`` (see :class:`Exclusion`)."""
-    return Exclusion(exclude)
-
-
 def _as_groups(params: Any) -> list[dict[str, Any]]:
     """Normalise ``params`` (tensors, ``(name, tensor)`` pairs or group dicts) to group dicts."""
     if isinstance(params, torch.Tensor):
@@ -247,7 +242,7 @@ class LayerwiseOptimizer(Optimizer):
             )
         check_choice("maximize", maximize, (False, True))
         check_choice("foreach", foreach, (None, False, True))
-        self._exclude = exclusion_predicate(exclude)
+        self._exclude = Exclusion(exclude)
         self._layer_grouping = layer_grouping
         self.on_nonfinite = on_nonfinite
         self.skipped_steps = 0
@@ -278,8 +273,8 @@ class LayerwiseOptimizer(Optimizer):
 
     def __repr__(self) -> str:
         config = ", ".join(f"{k}={v!r}" for k, v in self._config().items() if k != "optimizer")
-        head, _, groups = super().__repr__().partition(" (")
-        return f"{head} ({config}{chr(10) if groups.strip() != ')' else ''}{groups}"
+        head, _, groups = super().__repr__().partition(" (")  # groups: "\nParameter Group 0\n ...)"
+        return f"{head} ({config}{groups}"
 
     # ------------------------------------------------------------------ layer table
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -6,7 +6,12 @@ A tiny random BERT classifier (no dropout) on a fixed synthetic task, in-process
 
 from __future__ import annotations
 
+import json
+import math
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,8 +35,12 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
+from tests.support import free_port, launch_env  # noqa: E402
+
 N, SEQ, VOCAB, LABELS, MICRO, STEPS = 16, 8, 64, 3, 8, 3
+LR = 0.1
 README_EXCLUDE = r"^classifier\."
+HERE = Path(__file__).resolve().parent
 
 
 def _dataset() -> list[dict]:
@@ -194,3 +203,28 @@ def test_layer_stats_filters():
     assert figures == {"lbopt/trust_ratio/classifier.weight": opt.last_layer_stats["trust_ratio/classifier.weight"],
                        "lbopt/trust_ratio/classifier.bias": 1.0}
     assert LayerStatsCallback().figures(torch.optim.SGD(model.parameters(), lr=0.1)) == {}
+
+
+@pytest.mark.distributed
+def test_names_and_figures_under_deepspeed_zero2(tmp_path):
+    """Trainer(deepspeed=ZeRO-2 config without "optimizer") + trainer_optimizer on 2 ranks: the
+    optimizer DeepSpeed wraps has the model's names, the README's exclusion, and its per-layer
+    figures (global over the flat partitions) reach the log history."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "trainer_ds.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(HERE / "trainer_ds_worker.py"), str(out)]
+    proc = subprocess.run(cmd, cwd=HERE.parents[1], env=launch_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    res = json.loads(out.read_text())
+    assert res["optimizer"] == "CBLR" and res["wrapper"] != "CBLR"  # wrapped by DeepSpeed / Accelerate
+    names = [n for n, _ in _model().named_parameters()]
+    assert res["names"] == names
+    assert {n for n, a in zip(res["names"], res["adapt"]) if not a} == {"classifier.weight", "classifier.bias"}
+    logs = [h for h in res["log_history"] if "loss" in h]
+    assert len(logs) == STEPS
+    last = logs[-1]
+    assert last["lbopt/lr/classifier.weight"] == pytest.approx(LR)  # excluded: the base rate
+    query = "lbopt/lr/bert.encoder.layer.0.attention.self.query.weight"
+    assert last[query] != pytest.approx(LR) and math.isfinite(last[query])
+    assert "lbopt/curvature/bert.encoder.layer.0.attention.self.query.weight" in last
