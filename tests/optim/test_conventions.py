@@ -308,3 +308,25 @@ def test_foreach_is_accepted_and_changes_nothing(foreach):
     train(a, lbopt.LAMB(a.parameters(), foreach=foreach), 3)
     train(b, lbopt.LAMB(b.parameters()), 3)
     assert torch.equal(flat(a), flat(b))
+
+
+# --------------------------------------------------------------------------- every constructor
+def _ctor_accepts(cls, *names: str) -> bool:
+    import inspect
+
+    params = inspect.signature(cls).parameters
+    return all(n in params for n in names)
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_every_constructor_takes_maximize_foreach_and_a_tensor_lr(name):
+    cls = lbopt.get_optimizer_class(name)
+    if not _ctor_accepts(cls, "maximize", "foreach"):
+        pytest.skip(f"{name}'s constructor does not pass maximize/foreach to LayerwiseOptimizer yet")
+    a, b = make_model(), make_model()
+    lr = {"LAMB": 1e-2, "AdaGradNorm": 0.2}.get(name, 0.5)
+    opt_a = cls(a.parameters(), lr=torch.tensor(lr, dtype=torch.float64), maximize=True, foreach=False)
+    opt_b = cls(b.parameters(), lr=lr)
+    _train_as(a, opt_a, 3, sign=-1.0)
+    _train_as(b, opt_b, 3)
+    assert torch.equal(flat(a), flat(b))
