@@ -55,13 +55,15 @@ class Segment:
 class ParamRecord:
     """One original parameter, in the optimizer's construction order.
 
-    ``numel`` is its logical element count (also when ZeRO-3 has already partitioned it).
+    ``shape`` and ``numel`` are its logical shape and element count (also when ZeRO-3 has
+    already partitioned it); engine adapters check partitions against them.
     """
 
     index: int
     name: str
     layer: int
     numel: int
+    shape: tuple[int, ...]
 
 
 @dataclass

@@ -338,7 +338,10 @@ class LayerwiseOptimizer(Optimizer):
                         f"different exclusion (at {name!r}); put a layer's tensors in one group or use "
                         "layer_grouping='tensor'"
                     )
-                records.append(ParamRecord(index=len(records), name=name, layer=layer, numel=math.prod(full_shape(p))))
+                shape = full_shape(p)
+                records.append(
+                    ParamRecord(index=len(records), name=name, layer=layer, numel=math.prod(shape), shape=shape)
+                )
                 originals.append(p)
                 param_names.append(name)
         self.table = LayerTable(names=names, adapt=adapt, group=layer_group, params=records)
