@@ -38,7 +38,7 @@ from transformers import (  # noqa: E402
 from tests.support import free_port, launch_env  # noqa: E402
 
 N, SEQ, VOCAB, LABELS, MICRO, STEPS = 16, 8, 64, 3, 8, 3
-LR = 0.1
+LR = 1e-2
 README_EXCLUDE = r"^classifier\."
 HERE = Path(__file__).resolve().parent
 
@@ -185,9 +185,11 @@ def test_layer_stats_reach_log_history_and_loggers(cls, kwargs, kinds, tmp_path)
     assert {k.removeprefix("lbopt/"): v for k, v in last.items()
             if k.startswith("lbopt/") and not k.endswith(summaries)} == final
     assert last["lbopt/lr/max"] == max(v for k, v in final.items() if k.startswith("lr/"))
-    # The biases (excluded) run at the base rate; some adapted layer does not.
-    assert last[f"lbopt/lr/{query.replace('weight', 'bias')}"] == pytest.approx(kwargs["lr"])
+    # Layer-wise: the adapted layers' rates are not all the base rate.
     assert any(v != pytest.approx(kwargs["lr"]) for k, v in final.items() if k.startswith("lr/"))
+    if cls is lbopt.LAMB:  # excluded layers (biases) keep trust ratio 1 and the base rate
+        assert last[f"lbopt/trust_ratio/{query.replace('weight', 'bias')}"] == 1.0
+        assert last[f"lbopt/lr/{query.replace('weight', 'bias')}"] == pytest.approx(kwargs["lr"])
     # The loggers' position saw the same keys.
     assert seen.logs[STEPS - 1].keys() >= {k for k in last if k.startswith("lbopt/")}
     assert callback.figures(trainer.optimizer) == {k: v for k, v in last.items() if k.startswith("lbopt/")}
@@ -207,7 +209,7 @@ def test_layer_stats_filters():
 
 @pytest.mark.distributed
 def test_names_and_figures_under_deepspeed_zero2(tmp_path):
-    """Trainer(deepspeed=ZeRO-2 config without "optimizer") + trainer_optimizer on 2 ranks: the
+    """Trainer(deepspeed=ZeRO-2 config without "optimizer") + trainer_optimizer(LAMB) on 2 ranks: the
     optimizer DeepSpeed wraps has the model's names, the README's exclusion, and its per-layer
     figures (global over the flat partitions) reach the log history."""
     pytest.importorskip("deepspeed")
@@ -217,14 +219,16 @@ def test_names_and_figures_under_deepspeed_zero2(tmp_path):
     proc = subprocess.run(cmd, cwd=HERE.parents[1], env=launch_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     res = json.loads(out.read_text())
-    assert res["optimizer"] == "CBLR" and res["wrapper"] != "CBLR"  # wrapped by DeepSpeed / Accelerate
+    assert res["optimizer"] == "LAMB" and res["wrapper"] != "LAMB"  # wrapped by DeepSpeed / Accelerate
     names = [n for n, _ in _model().named_parameters()]
     assert res["names"] == names
     assert {n for n, a in zip(res["names"], res["adapt"]) if not a} == {"classifier.weight", "classifier.bias"}
     logs = [h for h in res["log_history"] if "loss" in h]
     assert len(logs) == STEPS
     last = logs[-1]
-    assert last["lbopt/lr/classifier.weight"] == pytest.approx(LR)  # excluded: the base rate
-    query = "lbopt/lr/bert.encoder.layer.0.attention.self.query.weight"
-    assert last[query] != pytest.approx(LR) and math.isfinite(last[query])
-    assert "lbopt/curvature/bert.encoder.layer.0.attention.self.query.weight" in last
+    assert last["lbopt/trust_ratio/classifier.weight"] == 1.0  # excluded by name: no trust ratio
+    assert last["lbopt/lr/classifier.weight"] == pytest.approx(LR)
+    query = "bert.encoder.layer.0.attention.self.query.weight"
+    ratio = last[f"lbopt/trust_ratio/{query}"]
+    assert math.isfinite(ratio) and ratio != pytest.approx(1.0)  # adapted: global norms of its fragments
+    assert last[f"lbopt/lr/{query}"] == pytest.approx(LR * ratio)

@@ -1,4 +1,4 @@
-"""Worker: the HF Trainer under DeepSpeed ZeRO-2 (2 ranks) with ``trainer_optimizer(lbopt.CBLR, ...)``.
+"""Worker: the HF Trainer under DeepSpeed ZeRO-2 (2 ranks) with ``trainer_optimizer(lbopt.LAMB, ...)``.
 
 The DeepSpeed config has no "optimizer" section, so the Trainer builds the optimizer through the
 factory (named parameters) and DeepSpeed wraps it. Rank 0 writes what the optimizer saw and the
@@ -37,7 +37,7 @@ DS_CONFIG = {
 def main(out: str) -> None:
     args = _args(out + ".d", deepspeed=DS_CONFIG, ddp_backend="gloo", use_cpu=False, learning_rate=LR)
     trainer = Trainer(model=_model(), args=args, train_dataset=_dataset(),
-                      optimizer_cls_and_kwargs=trainer_optimizer(lbopt.CBLR, lr=LR, trust_coefficient=0.1,
+                      optimizer_cls_and_kwargs=trainer_optimizer(lbopt.LAMB, lr=LR, weight_decay=0.0,
                                                                  exclude=README_EXCLUDE))
     log_layer_stats(trainer)
     trainer.train()
