@@ -121,6 +121,7 @@ class CBLR(LayerwiseOptimizer):
         layer_grouping: ``"tensor"`` (one layer per parameter), ``"module"`` (adapted
             parameters of one module share a layer), or a callable name -> layer key.
         on_nonfinite: ``"skip"`` (default: warn, leave all state untouched) or ``"raise"``.
+        maximize, foreach: as in ``torch.optim`` (see :class:`lbopt.LayerwiseOptimizer`).
 
     Defaults were chosen on the large-batch benchmark (``bench/large_batch.py``; numbers in
     the README and ``bench/results/large_batch.md``).
@@ -157,6 +158,8 @@ class CBLR(LayerwiseOptimizer):
         exclude: ExcludeSpec = None,
         layer_grouping: LayerGrouping = "tensor",
         on_nonfinite: str = "skip",
+        maximize: bool = False,
+        foreach: bool | None = None,
     ) -> None:
         if curvature not in CURVATURE_ESTIMATORS:
             raise ValueError(f"Invalid curvature: {curvature!r}; expected one of {CURVATURE_ESTIMATORS}")
@@ -166,7 +169,7 @@ class CBLR(LayerwiseOptimizer):
             model_step = curvature != "weight_ratio"
         if trust_coefficient is None:  # LARS's rule keeps LARS's κ; a real curvature means the model's step
             trust_coefficient = 0.001 if curvature == "weight_ratio" and not model_step else 1.0
-        check_range("lr", lr, 0.0, float("inf"))
+        check_range("lr", lr, tensor_ok=True)
         check_range("momentum", momentum, 0.0, 1.0)
         if momentum >= 1.0:
             raise ValueError(f"Invalid momentum: {momentum!r}; expected a number in [0, 1)")
@@ -210,8 +213,16 @@ class CBLR(LayerwiseOptimizer):
             eps=eps, nesterov=nesterov, trust_clip=trust_clip, betas=tuple(betas), adam_eps=adam_eps,
         )
         super().__init__(
-            params, defaults, exclude=exclude, layer_grouping=layer_grouping, on_nonfinite=on_nonfinite
+            params, defaults, exclude=exclude, layer_grouping=layer_grouping, on_nonfinite=on_nonfinite,
+            maximize=maximize, foreach=foreach,
         )
+
+    def _config(self) -> dict[str, Any]:
+        """Adds the estimator and the step's form: a secant state does not load into a weight-ratio CBLR."""
+        return {
+            **super()._config(), "curvature": self.curvature, "direction": self.direction,
+            "model_step": self.model_step, "curvature_ema": self.curvature_ema,
+        }
 
     # ------------------------------------------------------------------ statistics
     def _gather(self, plan: StepPlan, params, grads, wd_seg: list[float]) -> dict[str, torch.Tensor] | None:

@@ -28,7 +28,8 @@ class LARS(CBLR):
     ``trust_coefficient=None`` means κ = 0.001 (LARS's value), as in CBLR's plain step.
 
     Args: see :class:`CBLR` (``lr``, ``momentum``, ``weight_decay``, ``trust_coefficient``,
-    ``eps``, ``nesterov``, ``trust_clip``, ``exclude``, ``layer_grouping``, ``on_nonfinite``).
+    ``eps``, ``nesterov``, ``trust_clip``, ``exclude``, ``layer_grouping``, ``on_nonfinite``,
+    ``maximize``, ``foreach``).
     """
 
     def __init__(
@@ -45,10 +46,13 @@ class LARS(CBLR):
         exclude: ExcludeSpec = None,
         layer_grouping: LayerGrouping = "tensor",
         on_nonfinite: str = "skip",
+        maximize: bool = False,
+        foreach: bool | None = None,
     ) -> None:
         super().__init__(
             params, lr=lr, momentum=momentum, weight_decay=weight_decay,
             trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov, trust_clip=trust_clip,
             curvature="weight_ratio", curvature_ema=0.0, direction="momentum",
             exclude=exclude, layer_grouping=layer_grouping, on_nonfinite=on_nonfinite,
+            maximize=maximize, foreach=foreach,
         )
