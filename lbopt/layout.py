@@ -8,13 +8,21 @@ a model parameter to a *global* layer id (the same on every rank), as a list of
 (:mod:`lbopt.stats`) sums per layer over segments and all-reduces once when the layout is
 sharded, so a layer cut between ranks is summed exactly.
 
-Layouts come from *resolvers*. The dense resolver (one segment per parameter) is built in;
-engine adapters in :mod:`lbopt.integrations` register resolvers for partitioned tensors
-with :func:`register_layout_resolver`. The core never imports an engine.
+Layouts come from *resolvers*. Two are built in: the dense one (one segment per parameter)
+and :func:`dtensor_layout` for torch's own sharded tensors (``DTensor``: FSDP2's
+``fully_shard`` and HSDP), whose local shard and global offset torch states itself. Engine
+adapters in :mod:`lbopt.integrations` register resolvers for other partitioned tensors with
+:func:`register_layout_resolver`. The core never imports an engine.
+
+A layout's ``tensors`` are the objects the optimizer keys its state on (parameters,
+DTensors, flat partitions); :func:`segment_view` and :meth:`Layout.views` always return
+plain local tensors, so the statistics engine and the rules never see a ``DTensor``.
 """
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +35,10 @@ __all__ = [
     "LayoutResolver",
     "ParamRecord",
     "Segment",
+    "UnsupportedShardingError",
     "dense_layout",
+    "dtensor_layout",
+    "local_tensor",
     "register_layout_resolver",
     "resolve_layout",
     "segment_view",
@@ -117,12 +128,31 @@ class Layout:
 
 
 def segment_view(tensor: torch.Tensor | None, seg: Segment) -> torch.Tensor:
-    """The elements of ``tensor`` that ``seg`` covers (the tensor itself when it covers all)."""
+    """The local elements of ``tensor`` that ``seg`` covers (the local tensor itself when it covers all).
+
+    A ``DTensor`` (a parameter, its gradient or a state buffer shaped like it) is read
+    through its rank-local shard, so the view is always a plain tensor sharing storage.
+    """
     if tensor is None:
         raise ValueError(f"no tensor for segment of layer {seg.layer} (local tensor {seg.tensor})")
+    tensor = local_tensor(tensor)
     if seg.start == 0 and seg.length == tensor.numel():
         return tensor
     return tensor.view(-1).narrow(0, seg.start, seg.length)
+
+
+def _dtensor_class() -> type | None:
+    """torch's ``DTensor`` class if ``torch.distributed.tensor`` is loaded (a DTensor exists only then)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None) if module is not None else None
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The rank-local part of ``tensor``: a ``DTensor``'s shard (storage shared), any other tensor itself."""
+    dtensor = _dtensor_class()
+    if dtensor is not None and isinstance(tensor, dtensor):
+        return tensor._local_tensor  # what DTensor.to_local() returns without autograd
+    return tensor
 
 
 LayoutResolver = Callable[[LayerTable, list[torch.Tensor]], "Layout | None"]
@@ -162,6 +192,9 @@ def resolve_layout(
     """
     indices = [originals.get(id(t)) for t in tensors]
     if all(i is not None for i in indices):
+        dtensor = _dtensor_class()
+        if dtensor is not None and any(isinstance(t, dtensor) for t in tensors):
+            return dtensor_layout(table, tensors, indices)  # type: ignore[arg-type]
         return dense_layout(table, tensors, indices)  # type: ignore[arg-type]
     for resolver in _RESOLVERS:
         layout = resolver(table, tensors)
@@ -175,4 +208,100 @@ def resolve_layout(
         "lbopt.integrations.deepspeed` before deepspeed.initialize (importing lbopt does this "
         "when DeepSpeed is installed); otherwise construct the optimizer with the parameters it "
         "will update."
+    )
+
+
+# --------------------------------------------------------------------------- DTensor (FSDP2, HSDP)
+class UnsupportedShardingError(RuntimeError):
+    """Parameters sharded in a way whose per-layer sums lbopt cannot reduce exactly."""
+
+
+def _shard_mesh_dim(tensor: Any, name: str) -> int | None:
+    """The one mesh dimension ``tensor`` is sharded over (``None``: replicated everywhere)."""
+    shard_dims = []
+    for dim, placement in enumerate(tensor.placements):
+        if placement.is_shard():
+            shard_dims.append(dim)
+        elif not placement.is_replicate():
+            raise UnsupportedShardingError(
+                f"lbopt: parameter {name!r} is a DTensor with placement {placement} on mesh dimension {dim}; "
+                "only Shard and Replicate placements describe a parameter (a Partial one is a pending reduction)"
+            )
+    if len(shard_dims) > 1:
+        raise UnsupportedShardingError(
+            f"lbopt: parameter {name!r} is sharded over {len(shard_dims)} mesh dimensions "
+            f"({tensor.placements}); lbopt supports one sharded dimension: FSDP2 (fully_shard on a 1-D "
+            "mesh) and HSDP (a 2-D mesh that replicates across its first and shards within its second "
+            "dimension). Tensor or sequence parallelism combined with FSDP is not supported."
+        )
+    return shard_dims[0] if shard_dims else None
+
+
+def _flat_offset(shape: Sequence[int], offset: Sequence[int]) -> int:
+    """Flat position of index ``offset`` in a contiguous tensor of ``shape``."""
+    flat, stride = 0, 1
+    for size, off in zip(reversed(shape), reversed(offset)):
+        flat += off * stride
+        stride *= size
+    return flat
+
+
+def dtensor_layout(table: LayerTable, tensors: list[torch.Tensor], param_index: list[int]) -> Layout:
+    """Layout of ``DTensor`` parameters: one segment per local shard, reduced over the shard mesh dimension.
+
+    FSDP2 (``fully_shard``) shards every parameter on dim 0 of a 1-D mesh; rank ``r`` holds rows
+    ``[r·⌈d₀/W⌉, min((r+1)·⌈d₀/W⌉, d₀))`` (possibly none: uneven shards, padding outside the
+    view). Each local shard becomes ``Segment(tensor=i, start=0, length=local numel, layer,
+    param, param_offset=global flat offset)``. HSDP replicates across one mesh dimension and
+    shards within the other: the sums are reduced over the shard dimension only, since every
+    replica holds the same numbers. The layout is sharded when that dimension has more than one
+    rank, so the statistics engine adds one all-reduce per statistics round and the rules only
+    ever see plain local tensors.
+
+    Raises :class:`UnsupportedShardingError` for tensors mixing DTensors with plain tensors,
+    different meshes or shard dimensions, Partial placements or several sharded dimensions.
+    """
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    dtensor = _dtensor_class()
+    names = [table.params[p].name for p in param_index]
+    plain = [n for t, n in zip(tensors, names) if not isinstance(t, dtensor)]  # type: ignore[arg-type]
+    if plain:
+        raise UnsupportedShardingError(
+            f"lbopt: one optimizer step mixes DTensor parameters with plain tensors ({plain[:3]}); per-layer "
+            "sums would count the plain (replicated) tensors once per rank. Shard the whole model with "
+            "fully_shard (apply it to the root module too) or keep these parameters in another optimizer."
+        )
+    mesh = tensors[0].device_mesh  # type: ignore[attr-defined]
+    dim = _shard_mesh_dim(tensors[0], names[0])
+    segments = []
+    for i, (t, p, name) in enumerate(zip(tensors, param_index, names)):
+        if t.device_mesh != mesh or _shard_mesh_dim(t, name) != dim:  # type: ignore[attr-defined]
+            raise UnsupportedShardingError(
+                f"lbopt: parameter {name!r} is placed {t.placements} on {t.device_mesh}, parameter "  # type: ignore[attr-defined]
+                f"{names[0]!r} {tensors[0].placements} on {mesh}; one optimizer needs one mesh and one "  # type: ignore[attr-defined]
+                "sharded mesh dimension for all its parameters"
+            )
+        local = local_tensor(t)
+        shape, offset = compute_local_shape_and_global_offset(t.shape, mesh, t.placements)  # type: ignore[attr-defined]
+        if tuple(local.shape) != tuple(shape) or not local.is_contiguous():
+            raise UnsupportedShardingError(
+                f"lbopt: the local shard of {name!r} has shape {tuple(local.shape)} (contiguous: "
+                f"{local.is_contiguous()}), its placements say {tuple(shape)}; refusing to compute layer "
+                "statistics on it"
+            )
+        param_offset = _flat_offset(t.shape, offset) if math.prod(shape) else 0
+        segments.append(Segment(i, 0, local.numel(), table.params[p].layer, p, param_offset))
+    sharded = dim is not None and mesh.size(dim) > 1
+    first = local_tensor(tensors[0])
+    comm = None
+    if sharded and first.device.type == "cpu" and mesh.device_type != "cpu":
+        comm = torch.device(mesh.device_type, torch.get_device_module(mesh.device_type).current_device())
+    return Layout(
+        tensors=list(tensors),
+        segments=segments,
+        num_layers=table.num_layers,
+        process_group=mesh.get_group(dim) if sharded else None,
+        comm_device=comm,
+        sharded=sharded,
     )
