@@ -40,6 +40,7 @@ __all__ = [
     "dtensor_layout",
     "local_tensor",
     "register_layout_resolver",
+    "replaced_parameters",
     "resolve_layout",
     "segment_view",
 ]
@@ -181,15 +182,33 @@ def dense_layout(table: LayerTable, tensors: list[torch.Tensor], param_index: li
 
 
 def resolve_layout(
-    table: LayerTable, tensors: list[torch.Tensor], originals: dict[int, int]
+    table: LayerTable,
+    tensors: list[torch.Tensor],
+    originals: dict[int, int],
+    bound: LayoutResolver | None = None,
 ) -> Layout:
     """Find the layout of ``tensors``.
 
     ``originals`` maps ``id(param)`` of the construction-time parameters to their record
-    index. If every tensor is an original parameter the layout is dense; otherwise the
-    registered resolvers are asked. Raises ``RuntimeError`` rather than ever computing
-    layer statistics on unknown slices.
+    index. ``bound`` is the resolver an engine adapter bound to this optimizer (e.g.
+    :func:`lbopt.integrations.fsdp.bind_fsdp1`); it is asked first. Then: if every tensor
+    is an original parameter the layout is dense (:func:`dtensor_layout` for DTensors);
+    otherwise the registered resolvers are asked. Raises ``RuntimeError`` rather than ever
+    computing layer statistics on unknown slices.
     """
+    if bound is not None:
+        layout = bound(table, tensors)
+        if layout is not None:
+            return layout
+    flat = [t for t in tensors if getattr(t, "_is_flat_param", False)]
+    if flat:
+        raise UnsupportedShardingError(
+            "lbopt: the optimizer holds FSDP FlatParameters (FullyShardedDataParallel with "
+            "use_orig_params=False): each flattens several layers, so per-layer statistics on it "
+            "would be wrong. Wrap with use_orig_params=True (Accelerate: fsdp_use_orig_params: true) "
+            "and bind the model with lbopt.integrations.fsdp.bind_fsdp1(optimizer, model), or shard "
+            "with FSDP2 (torch.distributed.fsdp.fully_shard), which needs no binding."
+        )
     indices = [originals.get(id(t)) for t in tensors]
     if all(i is not None for i in indices):
         dtensor = _dtensor_class()
@@ -209,6 +228,31 @@ def resolve_layout(
         "when DeepSpeed is installed); otherwise construct the optimizer with the parameters it "
         "will update."
     )
+
+
+def replaced_parameters(table: LayerTable, current: list[list[torch.Tensor]]) -> list[torch.Tensor] | None:
+    """The parameters that replaced the construction-time ones one for one, or ``None``.
+
+    Accelerate's FSDP2 route builds the optimizer on the full model, shards it with
+    ``fully_shard`` and then swaps every entry of ``param_groups`` for the parameter's
+    ``DTensor``. ``current`` (the tensors of each group now) replaces ``table.originals``
+    when it has the same number of tensors in the same order, and every tensor that
+    differs is a DTensor of the recorded full shape; any other change (ZeRO's flat
+    partitions, a different model) returns ``None`` and is left to the resolvers.
+    """
+    dtensor = _dtensor_class()
+    flat = [t for group in current for t in group]
+    originals = table.originals  # type: ignore[attr-defined]
+    if dtensor is None or len(flat) != len(originals):
+        return None
+    changed = False
+    for new, old, rec in zip(flat, originals, table.params):
+        if new is old:
+            continue
+        if not (isinstance(new, dtensor) and tuple(new.shape) == rec.shape):
+            return None
+        changed = True
+    return flat if changed else None
 
 
 # --------------------------------------------------------------------------- DTensor (FSDP2, HSDP)

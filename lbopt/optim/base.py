@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch.optim import Optimizer
 
-from lbopt.layout import LayerTable, Layout, ParamRecord, resolve_layout
+from lbopt.layout import LayerTable, Layout, LayoutResolver, ParamRecord, replaced_parameters, resolve_layout
 from lbopt.rules.direction import adam_direction
 from lbopt.stats import LayerStats
 
@@ -111,6 +112,19 @@ def _dedupe_params(params: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _built_by_zero_redundancy(depth: int = 8) -> bool:
+    """True when torch's ZeroRedundancyOptimizer is constructing this optimizer for its rank's share."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        owner = frame.f_locals.get("self")
+        if type(owner).__module__ == "torch.distributed.optim.zero_redundancy_optimizer":
+            return True
+        frame = frame.f_back
+    return False
+
+
 @dataclass
 class StepPlan:
     """Everything one ``step()`` call needs about its local tensors, cached per tensor set."""
@@ -156,10 +170,16 @@ class LayerwiseOptimizer(Optimizer):
         self.skipped_steps = 0
         self.layer_state: dict[str, torch.Tensor] = {}
         self._plans: dict[tuple[int, ...], StepPlan] = {}
+        # set by an engine adapter that knows this optimizer's partitions (lbopt.integrations.fsdp)
+        self.layout_resolver: LayoutResolver | None = None
         self._last: dict[str, torch.Tensor] = {}
         self._workspaces: dict[tuple[int, str], torch.Tensor] = {}
         super().__init__(_dedupe_params(params), defaults)
         self._build_layer_table()
+        if _built_by_zero_redundancy():
+            from lbopt.integrations.fsdp import check_zero_redundancy
+
+            check_zero_redundancy(self)
 
     # ------------------------------------------------------------------ layer table
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -243,12 +263,20 @@ class LayerwiseOptimizer(Optimizer):
         key = tuple(id(t) for t in tensors)
         plan = self._plans.get(key)
         if plan is None:
-            layout = resolve_layout(self.table, tensors, self._original_index)
+            self._adopt_replaced_parameters()
+            layout = resolve_layout(self.table, tensors, self._original_index, self.layout_resolver)
             plan = StepPlan(layout=layout, stats=LayerStats(layout))
             if len(self._plans) > 64:
                 self._plans.clear()
             self._plans[key] = plan
         return plan
+
+    def _adopt_replaced_parameters(self) -> None:
+        """Follow an engine that swapped the parameters for their shards (Accelerate + FSDP2)."""
+        current = replaced_parameters(self.table, [list(g["params"]) for g in self.param_groups])
+        if current is not None:
+            self.table.originals = current  # type: ignore[attr-defined]
+            self._original_index = {id(p): r.index for p, r in zip(current, self.table.params)}
 
     def _groups_by_index(self) -> dict[int, dict[str, Any]]:
         return {g[_GROUP_INDEX]: g for g in self.param_groups}

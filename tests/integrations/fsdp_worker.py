@@ -1,12 +1,13 @@
 """Worker for the FSDP tests (one process per rank, launched by torchrun on gloo/CPU).
 
-Modes:
-  matrix   train each optimizer of --optimizers for --steps steps on a model sharded with
-           FSDP2 (--mesh fsdp: 1-D mesh; hsdp: 2 x W/2, replicate x shard) or FSDP1
-           (--engine fsdp1, use_orig_params=True); write the full final parameters and the
-           number of collectives each optimizer step issued (CommDebugMode) as JSON;
-  save     train --steps steps, save each rank's model and optimizer state_dict to --ckpt;
-  resume   build fresh model and optimizer, load --ckpt, train to STEPS, write JSON.
+For every run of --runs (fsdp2: fully_shard on a 1-D mesh; hsdp: on a 2 x W/2 mesh,
+replicate x shard; fsdp1: FullyShardedDataParallel with use_orig_params=True, bound with
+bind_fsdp1; zero: DDP + torch's ZeroRedundancyOptimizer) and every optimizer of
+--optimizers: train STEPS steps on the local share of each global batch; record the full
+final parameters and the number of collectives each optimizer step issued (CommDebugMode),
+or the error a refused combination raised. With --resume-at K: also train K steps, save
+each rank's model and optimizer state_dict, load them into fresh objects and train on.
+Rank 0 writes everything as JSON to --out.
 """
 
 from __future__ import annotations
@@ -25,9 +26,12 @@ import fsdp_common as C  # noqa: E402
 from torch.distributed.tensor.debug import CommDebugMode  # noqa: E402
 
 
-def shard(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+def shard(model: torch.nn.Module, run: str) -> torch.nn.Module:
+    """``fsdp2`` (1-D mesh), ``hsdp`` (2 x W/2 mesh), ``fsdp1`` (use_orig_params=True) or ``ddp``."""
     world = dist.get_world_size()
-    if args.engine == "fsdp1":
+    if run == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    if run == "fsdp1":
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
@@ -36,7 +40,7 @@ def shard(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    if args.mesh == "hsdp":
+    if run == "hsdp":
         mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
     else:
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("shard",))
@@ -46,14 +50,29 @@ def shard(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
     return fully_shard(model, mesh=mesh)
 
 
-def build(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    model = shard(C.make_model(), args)
-    opt = C.build_optimizer(name, model)
-    if args.engine == "fsdp1" and name != C.NAIVE:
+def build(name: str, run: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = C.make_model()
+    if run == "zero":
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        model = shard(model, "ddp")
+        cls_name, kwargs, grouping = C.OPTIMIZERS[name]
+        kwargs = dict(kwargs)
+        groups = C.param_groups(model.module, kwargs.pop("weight_decay"))
+        for g in groups:  # ZeroRedundancyOptimizer hands each rank a subset: names would not line up
+            del g["param_names"]
+        opt = ZeroRedundancyOptimizer(groups, optimizer_class=getattr(C.lbopt, cls_name), **kwargs)
+        return model, opt
+    if run == "fsdp1":  # FSDP1: build the optimizer on the unwrapped model, wrap, bind
         from lbopt.integrations.fsdp import bind_fsdp1
 
-        bind_fsdp1(opt, model)
-    return model, opt
+        opt = C.build_optimizer(name, model)
+        model = shard(model, run)
+        if name != C.NAIVE:
+            bind_fsdp1(opt, model)
+        return model, opt
+    model = shard(model, run)
+    return model, C.build_optimizer(name, model)
 
 
 def local_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,43 +94,55 @@ def train(model, opt, start: int, stop: int) -> list[int]:
     return comms
 
 
-def full_params(model: torch.nn.Module, args: argparse.Namespace) -> list[float]:
-    if args.engine == "fsdp1":
+def full_params(model: torch.nn.Module, run: str) -> list[float]:
+    if run == "fsdp1":
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
         with FSDP.summon_full_params(model):
             return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).tolist()
+    if run in ("ddp", "zero"):
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).tolist()
     return torch.cat([p.full_tensor().detach().reshape(-1) for p in model.parameters()]).tolist()
+
+
+def resumed(name: str, run: str, at: int, ckpt: str) -> list[float]:
+    """Train ``at`` steps, save each rank's state_dicts, then continue with fresh objects from the files."""
+    model, opt = build(name, run)
+    train(model, opt, 0, at)
+    path = os.path.join(ckpt, f"{run}.{name}.rank{dist.get_rank()}.pt")
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, path)
+    del model, opt
+    model, opt = build(name, run)
+    saved = torch.load(path, weights_only=False)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optim"])
+    train(model, opt, at, C.STEPS)
+    return full_params(model, run)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--mode", default="matrix", choices=["matrix", "save", "resume"])
-    ap.add_argument("--engine", default="fsdp2", choices=["fsdp2", "fsdp1"])
-    ap.add_argument("--mesh", default="fsdp", choices=["fsdp", "hsdp"])
+    ap.add_argument("--runs", default="fsdp2", help="comma list of fsdp2, hsdp, fsdp1, zero")
     ap.add_argument("--optimizers", default=",".join([*C.OPTIMIZERS, C.NAIVE]))
-    ap.add_argument("--steps", type=int, default=C.STEPS)
+    ap.add_argument("--resume-at", type=int, default=0, help="also save at this step and resume (fsdp2 runs)")
     ap.add_argument("--ckpt", default="")
     args = ap.parse_args()
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
     results: dict = {}
-    for name in args.optimizers.split(","):
-        model, opt = build(name, args)
-        if args.mode == "resume":
-            saved = torch.load(os.path.join(args.ckpt, f"{name}.rank{rank}.pt"), weights_only=False)
-            model.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["optim"])
-            comms = train(model, opt, saved["step"], C.STEPS)
-        else:
-            comms = train(model, opt, 0, args.steps)
-        if args.mode == "save":
-            os.makedirs(args.ckpt, exist_ok=True)
-            torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": args.steps},
-                       os.path.join(args.ckpt, f"{name}.rank{rank}.pt"))
-        results[name] = {"params": full_params(model, args), "comms": comms}
-    if rank == 0:
+    for run in args.runs.split(","):
+        results[run] = {}
+        for name in args.optimizers.split(","):
+            try:
+                model, opt = build(name, run)
+            except Exception as exc:  # a refusal the test checks
+                results[run][name] = {"error": f"{type(exc).__name__}: {exc}"}
+                continue
+            comms = train(model, opt, 0, C.STEPS)
+            results[run][name] = {"params": full_params(model, run), "comms": comms}
+            if args.resume_at and name != C.NAIVE:
+                results[run][name]["resumed"] = resumed(name, run, args.resume_at, args.ckpt)
+    if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(results, f)
     dist.barrier()

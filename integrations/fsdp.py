@@ -1,0 +1,218 @@
+"""PyTorch FSDP adapter: exact per-layer statistics under FSDP2, HSDP, FSDP1 and ZeroRedundancyOptimizer.
+
+- **FSDP2** (``torch.distributed.fsdp.fully_shard``) and **HSDP** (``fully_shard`` on a 2-D
+  mesh) need nothing from this module: their parameters are ``DTensor`` s that state their
+  own shard, and :func:`lbopt.layout.dtensor_layout` (built into the core) maps each local
+  shard to its layer, reduced over the shard mesh dimension, one all-reduce per statistics
+  round. Construct the optimizer on the sharded model's parameters, or let Accelerate swap
+  them in (the optimizer follows the one-for-one swap).
+- **FSDP1** (``FullyShardedDataParallel``) with ``use_orig_params=True``: every original
+  parameter becomes a 1-D view of its piece of the rank's flat shard (possibly empty). The
+  flat parameter's shard metadata (``_shard_param_infos``, ``_numels``, ``_shapes``) says
+  which piece; :func:`bind_fsdp1` reads it once and binds a :class:`FSDP1Layouts` resolver
+  to the optimizer (``optimizer.layout_resolver``). Nothing is patched and nothing global
+  is registered. With ``use_orig_params=False`` the optimizer would hold FlatParameters
+  that mix layers: lbopt refuses them with a message naming the fix.
+- **ZeroRedundancyOptimizer** steps each rank's own subset of whole parameters. Per-tensor
+  statistics (LARS, LAMB, CBLR, AdaGrad with ``layer_grouping="tensor"``) are then exact;
+  statistics that span layers (MCLR's median, AdaGradNorm's global norm, AdAdaGrad*'s
+  batch tests, module-grouped layers) would see a subset: :func:`check_zero_redundancy`
+  refuses them with a clear error.
+
+This module reads these FSDP1 internals, all from ``torch.distributed.fsdp``:
+``FullyShardedDataParallel.fsdp_modules``, ``FSDP._handle`` (``FlatParamHandle``: its
+``flat_param``, ``process_group``, ``_sharding_strategy``, ``_use_orig_params``) and the
+flat parameter's ``_params``, ``_numels``, ``_shapes``, ``_shard_param_infos``
+(``in_shard``, ``numel_in_shard``, ``intra_param_start_idx``). :func:`bind_fsdp1` checks
+them once and fails with the torch version if one is missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lbopt.layout import LayerTable, Layout, Segment, UnsupportedShardingError
+
+__all__ = ["FSDP1Layouts", "UnsupportedShardingError", "bind_fsdp1", "check_zero_redundancy"]
+
+_FLAT_PARAM_FIELDS = ("_params", "_numels", "_shapes", "_shard_param_infos")
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Where one original parameter lives in this rank's flat shard."""
+
+    numel_in_shard: int
+    intra_start: int  # offset of the piece inside the flattened parameter
+    full_numel: int
+    full_shape: tuple[int, ...]
+    process_group: Any
+    sharded: bool
+
+
+def _handles(model: torch.nn.Module) -> list[Any]:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    handles = []
+    for module in FSDP.fsdp_modules(model):
+        handle = getattr(module, "_handle", None)
+        if handle is None:
+            continue  # an FSDP unit that owns no parameters
+        missing = [f for f in _FLAT_PARAM_FIELDS if not hasattr(handle.flat_param, f)]
+        missing += [f for f in ("process_group", "_sharding_strategy", "_use_orig_params") if not hasattr(handle, f)]
+        if missing:
+            raise UnsupportedShardingError(
+                f"lbopt: FSDP1 internals {missing} are missing in torch {torch.__version__}; lbopt's FSDP1 "
+                "binding was written against torch 2.4-2.13. Use FSDP2 (fully_shard), which needs no binding."
+            )
+        handles.append(handle)
+    if not handles:
+        raise ValueError(
+            f"bind_fsdp1: {type(model).__name__} contains no FullyShardedDataParallel unit; pass the wrapped "
+            "model (for FSDP2 / fully_shard no binding is needed)"
+        )
+    return handles
+
+
+def _pieces(handle: Any) -> dict[int, _Piece]:
+    from torch.distributed.fsdp._flat_param import HandleShardingStrategy
+
+    if not handle._use_orig_params:
+        raise UnsupportedShardingError(
+            "lbopt: FullyShardedDataParallel was built with use_orig_params=False: the optimizer then "
+            "holds FlatParameters that mix layers. Wrap with use_orig_params=True (Accelerate: "
+            "fsdp_use_orig_params: true), or shard with FSDP2 (fully_shard)."
+        )
+    flat = handle.flat_param
+    group = handle.process_group
+    sharded = handle._sharding_strategy != HandleShardingStrategy.NO_SHARD and dist.get_world_size(group) > 1
+    out = {}
+    for param, numel, shape, info in zip(flat._params, flat._numels, flat._shapes, flat._shard_param_infos):
+        out[id(param)] = _Piece(
+            numel_in_shard=int(info.numel_in_shard) if info.in_shard else 0,
+            intra_start=int(info.intra_param_start_idx) if info.in_shard else 0,
+            full_numel=int(numel),
+            full_shape=tuple(shape),
+            process_group=group if sharded else None,
+            sharded=sharded,
+        )
+    return out
+
+
+class FSDP1Layouts:
+    """Layout resolver for the original parameters of FSDP1 units (``use_orig_params=True``).
+
+    Callable as ``(layer_table, local_tensors) -> Layout | None``; bound to an optimizer by
+    :func:`bind_fsdp1`. Parameter ``p`` (a 1-D view of ``numel_in_shard`` elements of the
+    rank's flat shard) becomes ``Segment(tensor=i, start=0, length=numel_in_shard, layer,
+    param, param_offset=intra_param_start_idx)``; the layout is reduced over the units'
+    process group (HYBRID_SHARD: the shard group, since replicas hold the same numbers).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.pieces: dict[int, _Piece] = {}
+        for handle in _handles(model):
+            self.pieces.update(_pieces(handle))
+        groups = {id(p.process_group) for p in self.pieces.values()}
+        if len(groups) > 1:
+            raise UnsupportedShardingError(
+                "lbopt: the FSDP1 units of this model use different process groups or sharding strategies; "
+                "one optimizer needs one group to reduce its layer statistics over"
+            )
+
+    def __call__(self, table: LayerTable, tensors: list[torch.Tensor]) -> Layout | None:
+        found = [self.pieces.get(id(t)) for t in tensors]
+        if all(p is None for p in found):
+            return None
+        index = {id(p): r.index for p, r in zip(table.originals, table.params)}  # type: ignore[attr-defined]
+        segments = []
+        for i, (tensor, piece) in enumerate(zip(tensors, found)):
+            rec = index.get(id(tensor))
+            if piece is None or rec is None:
+                raise UnsupportedShardingError(
+                    f"lbopt: a tensor of shape {tuple(tensor.shape)} in this step is not an original parameter of "
+                    "the bound FSDP1 model; construct the optimizer on that model's parameters"
+                )
+            if tensor.numel() != piece.numel_in_shard:
+                raise UnsupportedShardingError(
+                    f"lbopt: parameter {table.params[rec].name!r} has {tensor.numel()} local elements, FSDP's shard "
+                    f"metadata says {piece.numel_in_shard}; refusing to compute layer statistics on it"
+                )
+            segments.append(Segment(i, 0, piece.numel_in_shard, table.params[rec].layer, rec, piece.intra_start))
+        piece0 = found[0]
+        return Layout(
+            tensors=list(tensors),
+            segments=segments,
+            num_layers=table.num_layers,
+            process_group=piece0.process_group,  # type: ignore[union-attr]
+            sharded=piece0.sharded,  # type: ignore[union-attr]
+        )
+
+
+def bind_fsdp1(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> FSDP1Layouts:
+    """Bind an lbopt optimizer to the FSDP1 model whose original parameters it updates.
+
+    Construct the optimizer on the model's parameters *before* wrapping it with
+    ``FullyShardedDataParallel(..., use_orig_params=True)`` (as Accelerate does), so that
+    it records each parameter's real shape; then wrap and bind (``optimizer`` may be
+    Accelerate's wrapper). A collective call: every rank of the FSDP group must call it.
+    Checks once (one all-reduce) that the shards cover every parameter exactly. Raises
+    :class:`UnsupportedShardingError` for ``use_orig_params=False`` or an optimizer that
+    was built on the already-flattened views.
+    """
+    from lbopt.optim.base import LayerwiseOptimizer
+
+    opt = getattr(optimizer, "optimizer", optimizer)  # accelerate.AcceleratedOptimizer
+    if not isinstance(opt, LayerwiseOptimizer):
+        raise TypeError(f"bind_fsdp1 binds lbopt optimizers, got {type(opt).__name__}")
+    layouts = FSDP1Layouts(model)
+    _check_records(opt.table, layouts)
+    opt.layout_resolver = layouts
+    opt._plans.clear()
+    return layouts
+
+
+def _check_records(table: LayerTable, layouts: FSDP1Layouts) -> None:
+    pieces = [layouts.pieces.get(id(p)) for p in table.originals]  # type: ignore[attr-defined]
+    for rec, piece in zip(table.params, pieces):
+        if piece is not None and rec.shape != piece.full_shape:
+            raise UnsupportedShardingError(
+                f"lbopt: the optimizer recorded parameter {rec.name!r} with shape {rec.shape}, but FSDP1 holds it "
+                f"as {piece.full_shape}: the optimizer was built on FSDP's flattened views, so its layers (and "
+                "the default exclusion of 1-D parameters) are wrong. Construct the optimizer on the model before "
+                "wrapping it with FullyShardedDataParallel (as Accelerate does), then call bind_fsdp1."
+            )
+    counts = torch.tensor([float(p.numel_in_shard) if p else 0.0 for p in pieces], dtype=torch.float64)
+    present = [p for p in pieces if p is not None]
+    if present and present[0].sharded:
+        dist.all_reduce(counts, group=present[0].process_group)
+    for rec, piece, count in zip(table.params, pieces, counts.tolist()):
+        if piece is not None and int(count) != piece.full_numel:
+            raise UnsupportedShardingError(
+                f"lbopt: FSDP1 shards cover {int(count)} of the {piece.full_numel} elements of {rec.name!r}; "
+                "refusing to compute layer statistics on slices"
+            )
+
+
+def check_zero_redundancy(optimizer: Any) -> None:
+    """Refuse an lbopt optimizer whose statistics span layers inside torch's ``ZeroRedundancyOptimizer``.
+
+    ``ZeroRedundancyOptimizer(params, optimizer_class=lbopt.X)`` builds one ``X`` per rank on
+    that rank's share of whole parameters. Per-layer statistics of whole tensors are then
+    exact; cross-layer ones are not. Called with the ZeroRedundancyOptimizer (or its local
+    optimizer); raises ``UnsupportedShardingError`` naming the alternatives.
+    """
+    local = getattr(optimizer, "optim", optimizer)
+    spans = bool(getattr(local, "needs_all_groups", False)) or getattr(local, "_layer_grouping", "tensor") != "tensor"
+    if spans:
+        raise UnsupportedShardingError(
+            f"lbopt: {type(local).__name__} under torch's ZeroRedundancyOptimizer would be silently wrong: each "
+            "rank steps only its own parameters, so statistics that span layers (MCLR's median curvature, "
+            "AdaGradNorm's global norm, AdAdaGrad's batch-size test, module-grouped layers) would see a subset. "
+            "Use DDP with the optimizer itself, FSDP2 (fully_shard) or DeepSpeed ZeRO-1, where lbopt computes "
+            "them exactly; per-tensor methods (LARS, LAMB, CBLR, AdaGrad) are exact under ZeroRedundancyOptimizer."
+        )
