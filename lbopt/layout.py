@@ -185,19 +185,19 @@ def resolve_layout(
     table: LayerTable,
     tensors: list[torch.Tensor],
     originals: dict[int, int],
-    bound: LayoutResolver | None = None,
+    resolver: LayoutResolver | None = None,
 ) -> Layout:
     """Find the layout of ``tensors``.
 
     ``originals`` maps ``id(param)`` of the construction-time parameters to their record
-    index. ``bound`` is the resolver an engine adapter bound to this optimizer (e.g.
+    index. ``resolver`` is the resolver an engine adapter bound to this optimizer (e.g.
     :func:`lbopt.integrations.fsdp.bind_fsdp1`); it is asked first. Then: if every tensor
     is an original parameter the layout is dense (:func:`dtensor_layout` for DTensors);
     otherwise the registered resolvers are asked. Raises ``RuntimeError`` rather than ever
     computing layer statistics on unknown slices.
     """
-    if bound is not None:
-        layout = bound(table, tensors)
+    if resolver is not None:
+        layout = resolver(table, tensors)
         if layout is not None:
             return layout
     flat = [t for t in tensors if getattr(t, "_is_flat_param", False)]
