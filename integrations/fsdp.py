@@ -19,6 +19,14 @@
   batch tests, module-grouped layers) would see a subset: :func:`check_zero_redundancy`
   refuses them with a clear error.
 
+**Checkpoints.** ``optimizer.state_dict()`` holds everything (per-rank, DTensor state under
+FSDP2). ``torch.distributed.checkpoint``'s ``get_state_dict`` / ``set_state_dict`` (what
+Accelerate's FSDP ``save_state`` uses) keep only ``state`` and ``param_groups`` and drop the
+optimizer's other entries: CBLR/MCLR's curvature EMA, AdaGradNorm's accumulator, the batch
+controller. Checkpoint through :class:`LayerStateCheckpoint` (``dcp.save({"train":
+LayerStateCheckpoint(opt, model)})``, or ``accelerator.register_for_checkpointing(
+LayerStateCheckpoint(opt))``).
+
 This module reads these FSDP1 internals, all from ``torch.distributed.fsdp``:
 ``FullyShardedDataParallel.fsdp_modules``, ``FSDP._handle`` (``FlatParamHandle``: its
 ``flat_param``, ``process_group``, ``_sharding_strategy``, ``_use_orig_params``) and the
@@ -29,6 +37,7 @@ them once and fails with the torch version if one is missing.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +46,9 @@ import torch.distributed as dist
 
 from lbopt.layout import LayerTable, Layout, Segment, UnsupportedShardingError
 
-__all__ = ["FSDP1Layouts", "UnsupportedShardingError", "bind_fsdp1", "check_zero_redundancy"]
+__all__ = [
+    "FSDP1Layouts", "LayerStateCheckpoint", "UnsupportedShardingError", "bind_fsdp1", "check_zero_redundancy",
+]
 
 _FLAT_PARAM_FIELDS = ("_params", "_numels", "_shapes", "_shard_param_infos")
 
@@ -216,3 +227,53 @@ def check_zero_redundancy(optimizer: Any) -> None:
             "Use DDP with the optimizer itself, FSDP2 (fully_shard) or DeepSpeed ZeRO-1, where lbopt computes "
             "them exactly; per-tensor methods (LARS, LAMB, CBLR, AdaGrad) are exact under ZeroRedundancyOptimizer."
         )
+
+
+class LayerStateCheckpoint:
+    """lbopt's optimizer state in a form ``torch.distributed.checkpoint`` keeps.
+
+    ``get_optimizer_state_dict`` keeps only ``state`` and ``param_groups``; an lbopt
+    optimizer's ``state_dict()`` also carries per-layer state (``layer_state``: CBLR/MCLR
+    curvature EMAs, AdaGradNorm's ``b²``), ``skipped_steps`` and the batch controller.
+
+    - ``LayerStateCheckpoint(optimizer, model)``: the whole training state for DCP
+      (``dcp.save({"train": obj}, ...)`` / ``dcp.load``): model and optimizer through
+      ``get_state_dict`` (sharded, resharding-capable), plus the extra entries; loading sets
+      model and optimizer first, then the extras.
+    - ``LayerStateCheckpoint(optimizer)``: the extra entries only, for an engine that saves
+      model and optimizer itself and loads this object afterwards:
+      ``accelerator.register_for_checkpointing(LayerStateCheckpoint(optimizer))``.
+
+    The extras travel as one bytes blob, so a fresh optimizer's template has the same key.
+    Implements DCP's ``Stateful`` protocol (``state_dict`` / ``load_state_dict``).
+    """
+
+    KEY = "lbopt_extra_state"
+
+    def __init__(self, optimizer: Any, model: torch.nn.Module | None = None) -> None:
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate.AcceleratedOptimizer
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        full = self.optimizer.state_dict()
+        extra = {k: v for k, v in full.items() if k not in ("state", "param_groups")}
+        buf = io.BytesIO()
+        torch.save(extra, buf)
+        out: dict[str, Any] = {self.KEY: buf.getvalue()}
+        if self.model is not None:
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            out["model"], out["optimizer"] = get_state_dict(self.model, self.optimizer)
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.model is not None:
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+
+            set_state_dict(self.model, self.optimizer, model_state_dict=state_dict["model"],
+                           optim_state_dict=state_dict["optimizer"])
+        blob = state_dict[self.KEY]
+        extra = torch.load(io.BytesIO(blob.getvalue() if isinstance(blob, io.BytesIO) else blob), weights_only=False)
+        full = self.optimizer.state_dict()
+        full.update(extra)
+        self.optimizer.load_state_dict(full)

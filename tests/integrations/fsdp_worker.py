@@ -1,12 +1,15 @@
 """Worker for the FSDP tests (one process per rank, launched by torchrun on gloo/CPU).
 
-For every run of --runs (fsdp2: fully_shard on a 1-D mesh; hsdp: on a 2 x W/2 mesh,
-replicate x shard; fsdp1: FullyShardedDataParallel with use_orig_params=True, bound with
-bind_fsdp1; zero: DDP + torch's ZeroRedundancyOptimizer) and every optimizer of
+For every run of --runs (fsdp2: fully_shard on a 1-D mesh; fsdp2-swap: the optimizer built
+on the full model, its param_groups entries then swapped for the DTensors, as Accelerate
+does; hsdp: fully_shard on a 2 x W/2 mesh, replicate x shard; fsdp1: FullyShardedDataParallel
+with use_orig_params=True, bound with bind_fsdp1; zero: DDP + torch's ZeroRedundancyOptimizer;
+fsdp1-flat / fsdp1-late: refused set-ups) and every optimizer of
 --optimizers: train STEPS steps on the local share of each global batch; record the full
 final parameters and the number of collectives each optimizer step issued (CommDebugMode),
 or the error a refused combination raised. With --resume-at K: also train K steps, save
-each rank's model and optimizer state_dict, load them into fresh objects and train on.
+each rank's model and optimizer state_dict, load them into fresh objects and train on; the
+same through torch.distributed.checkpoint with LayerStateCheckpoint (and, for CBLR, without).
 Rank 0 writes everything as JSON to --out.
 """
 
@@ -80,6 +83,13 @@ def build(name: str, run: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         if name != C.NAIVE:
             bind_fsdp1(opt, model)
         return model, opt
+    if run == "fsdp2-swap":  # Accelerate's route: optimizer on the full model, then entries swapped for DTensors
+        opt = C.build_optimizer(name, model)
+        model = shard(model, "fsdp2")
+        sharded = dict(model.named_parameters())
+        for group in opt.param_groups:
+            group["params"] = [sharded[n] for n in group["param_names"]]
+        return model, opt
     model = shard(model, run)
     return model, C.build_optimizer(name, model)
 
@@ -130,6 +140,36 @@ def resumed(name: str, run: str, at: int, ckpt: str) -> list[float]:
     return full_params(model, run)
 
 
+def resumed_dcp(name: str, run: str, at: int, ckpt: str, extra: bool) -> list[float]:
+    """As :func:`resumed`, through torch.distributed.checkpoint (what Accelerate's FSDP save_state uses).
+
+    ``extra``: through lbopt's LayerStateCheckpoint; without it (get/set_state_dict alone) the
+    optimizer entries DCP drops are lost.
+    """
+    import torch.distributed.checkpoint as dcp
+    from lbopt.integrations.fsdp import LayerStateCheckpoint
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = os.path.join(ckpt, f"dcp.{run}.{name}.{extra}")
+    model, opt = build(name, run)
+    train(model, opt, 0, at)
+    if extra:
+        dcp.save({"train": LayerStateCheckpoint(opt, model)}, checkpoint_id=path)
+    else:
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    model, opt = build(name, run)
+    if extra:
+        dcp.load({"train": LayerStateCheckpoint(opt, model)}, checkpoint_id=path)
+    else:
+        msd, osd = get_state_dict(model, opt)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(model, opt, at, C.STEPS)
+    return full_params(model, run)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -155,6 +195,10 @@ def main() -> None:
             results[run][name] = {"params": full_params(model, run), "comms": comms}
             if args.resume_at and run == "fsdp2" and name != C.NAIVE:
                 results[run][name]["resumed"] = resumed(name, run, args.resume_at, args.ckpt)
+                results[run][name]["resumed_dcp"] = resumed_dcp(name, run, args.resume_at, args.ckpt, True)
+                if name == "CBLR":  # the control: DCP alone loses the curvature EMA
+                    results[run][name]["resumed_dcp_without_extra"] = resumed_dcp(
+                        name, run, args.resume_at, args.ckpt, False)
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(results, f)

@@ -80,7 +80,7 @@ def check_run(res: dict, label: str, sharded: bool) -> None:
 def world2(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """FSDP2 (+ save at step 6 and resume), FSDP1, ZeroRedundancyOptimizer and the refusals: one launch."""
     tmp = tmp_path_factory.mktemp("fsdp_w2")
-    runs = "fsdp2,fsdp1,zero,fsdp1-flat:LAMB,fsdp1-late:LAMB"
+    runs = "fsdp2,fsdp1,zero,fsdp2-swap:LAMB+MCLR+AdaGradNorm,fsdp1-flat:LAMB,fsdp1-late:LAMB"
     return worker(tmp, 2, "--runs", runs, "--resume-at", "6")
 
 
@@ -102,11 +102,27 @@ def test_fsdp2_and_hsdp_world4_uneven_shards_match_dense(tmp_path: Path) -> None
 
 
 def test_fsdp2_resume_from_state_dict_continues_the_trajectory(world2: dict) -> None:
-    """Per-rank model/optimizer state_dicts saved at step 6, loaded into fresh objects: same end point."""
+    """Saved at step 6, loaded into fresh model and optimizer, trained to the end: the same end point.
+
+    Two routes: each rank's ``state_dict()`` (torch.save), and torch.distributed.checkpoint with
+    ``LayerStateCheckpoint``. DCP's get/set_state_dict alone drops CBLR's curvature EMA: that
+    resume must differ (the control).
+    """
     for name, r in world2["fsdp2"].items():
         if name == C.NAIVE:
             continue
-        assert C.rel_l2(torch.tensor(r["resumed"]), torch.tensor(r["params"])) <= 1e-6, name
+        end = torch.tensor(r["params"])
+        assert C.rel_l2(torch.tensor(r["resumed"]), end) <= 1e-6, name
+        assert C.rel_l2(torch.tensor(r["resumed_dcp"]), end) <= 1e-6, name
+    cblr = world2["fsdp2"]["CBLR"]
+    assert C.rel_l2(torch.tensor(cblr["resumed_dcp_without_extra"]), torch.tensor(cblr["params"])) > 1e-6
+
+
+def test_fsdp2_follows_accelerates_parameter_swap(world2: dict) -> None:
+    """Optimizer built on the full model, its param_groups entries then replaced by the DTensors."""
+    for name, r in world2["fsdp2-swap"].items():
+        assert err(r["params"], name) <= TOL, name
+        assert set(r["comms"]) == {C.ALL_REDUCES[name]}, name
 
 
 def test_fsdp1_use_orig_params_matches_dense(world2: dict) -> None:
