@@ -190,9 +190,9 @@ def bind_fsdp1(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> FSDP
 def _check_records(table: LayerTable, layouts: FSDP1Layouts) -> None:
     pieces = [layouts.pieces.get(id(p)) for p in table.originals]  # type: ignore[attr-defined]
     for rec, piece in zip(table.params, pieces):
-        if piece is not None and rec.shape != piece.full_shape:
+        if piece is not None and rec.numel != piece.full_numel:
             raise UnsupportedShardingError(
-                f"lbopt: the optimizer recorded parameter {rec.name!r} with shape {rec.shape}, but FSDP1 holds it "
+                f"lbopt: the optimizer recorded parameter {rec.name!r} with {rec.numel} elements, but FSDP1 holds it "
                 f"as {piece.full_shape}: the optimizer was built on FSDP's flattened views, so its layers (and "
                 "the default exclusion of 1-D parameters) are wrong. Construct the optimizer on the model before "
                 "wrapping it with FullyShardedDataParallel (as Accelerate does), then call bind_fsdp1."

@@ -235,7 +235,7 @@ def replaced_parameters(table: LayerTable, current: list[list[torch.Tensor]]) ->
     ``fully_shard`` and then swaps every entry of ``param_groups`` for the parameter's
     ``DTensor``. ``current`` (the tensors of each group now) replaces ``table.originals``
     when it has the same number of tensors in the same order, and every tensor that
-    differs is a DTensor of the recorded full shape; any other change (ZeRO's flat
+    differs is a DTensor of the replaced parameter's full shape; any other change (ZeRO's flat
     partitions, a different model) returns ``None`` and is left to the resolvers.
     """
     dtensor = _dtensor_class()
@@ -247,7 +247,7 @@ def replaced_parameters(table: LayerTable, current: list[list[torch.Tensor]]) ->
     for new, old, rec in zip(flat, originals, table.params):
         if new is old:
             continue
-        if not (isinstance(new, dtensor) and tuple(new.shape) == rec.shape):
+        if not (isinstance(new, dtensor) and tuple(new.shape) == tuple(old.shape) and new.numel() == rec.numel):
             return None
         changed = True
     return flat if changed else None
