@@ -27,12 +27,20 @@ controller. Checkpoint through :class:`LayerStateCheckpoint` (``dcp.save({"train
 LayerStateCheckpoint(opt, model)})``, or ``accelerator.register_for_checkpointing(
 LayerStateCheckpoint(opt))``).
 
+**Batch-size controller** (AdAdaGrad*): its micro-batch estimator hooks each parameter's
+gradient *before* the data-parallel reduction. Under FSDP2 the sharded DTensors only receive
+the reduce-scattered gradient (no autograd hook fires on them); the full local micro-batch
+gradient lands on FSDP2's persistent unsharded parameters. :func:`watch_unsharded` points
+the controller's hooks there (norm test; the coordinate and inner-product tests need
+per-parameter metrics or directions on the sharded tensors and are not supported here).
+
 This module reads these FSDP1 internals, all from ``torch.distributed.fsdp``:
 ``FullyShardedDataParallel.fsdp_modules``, ``FSDP._handle`` (``FlatParamHandle``: its
 ``flat_param``, ``process_group``, ``_sharding_strategy``, ``_use_orig_params``) and the
 flat parameter's ``_params``, ``_numels``, ``_shapes``, ``_shard_param_infos``
 (``in_shard``, ``numel_in_shard``, ``intra_param_start_idx``). :func:`bind_fsdp1` checks
-them once and fails with the torch version if one is missing.
+them once and fails with the torch version if one is missing. For the controller under
+FSDP2 it reads ``FSDPModule._get_fsdp_state()._fsdp_param_group.fsdp_params[i]._unsharded_param``.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from lbopt.layout import LayerTable, Layout, Segment, UnsupportedShardingError
 
 __all__ = [
     "FSDP1Layouts", "LayerStateCheckpoint", "UnsupportedShardingError", "bind_fsdp1", "check_zero_redundancy",
+    "unsharded_parameters", "watch_unsharded",
 ]
 
 _FLAT_PARAM_FIELDS = ("_params", "_numels", "_shapes", "_shard_param_infos")
@@ -277,3 +286,42 @@ class LayerStateCheckpoint:
         full = self.optimizer.state_dict()
         full.update(extra)
         self.optimizer.load_state_dict(full)
+
+
+def unsharded_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """FSDP2's persistent unsharded parameters of ``model`` (the tensors autograd sees in backward).
+
+    Each ``fully_shard`` unit is unsharded and resharded once (a collective: every rank must
+    call this) so that its unsharded parameters exist; FSDP2 keeps the same objects for the
+    rest of training, resizing their storage.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    out: list[torch.nn.Parameter] = []
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        module.unshard()
+        group = module._get_fsdp_state()._fsdp_param_group
+        module.reshard()
+        if group is not None:
+            out += [fp._unsharded_param for fp in group.fsdp_params]
+    if not out:
+        raise ValueError("unsharded_parameters: the model has no fully_shard unit with parameters")
+    return out
+
+
+def watch_unsharded(controller: Any, model: torch.nn.Module) -> Any:
+    """Point a :class:`lbopt.BatchSizeController`'s micro-batch hooks at FSDP2's unsharded parameters.
+
+    Call once after ``fully_shard`` and after building the optimizer (``opt.batch_controller``),
+    on every rank. Only the norm test is supported (``test="norm"``).
+    """
+    if getattr(controller.config, "test", "norm") != "norm":
+        raise UnsupportedShardingError(
+            f"lbopt: BatchSizeController(test={controller.config.test!r}) needs per-parameter metrics or "
+            "previous gradients on the watched tensors; under FSDP2 only test='norm' is supported"
+        )
+    controller.samples.detach()
+    controller.attach(unsharded_parameters(model))
+    return controller

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # tests.batch
 
 import fsdp_common as C  # noqa: E402
 from torch.distributed.tensor.debug import CommDebugMode  # noqa: E402
@@ -170,6 +171,32 @@ def resumed_dcp(name: str, run: str, at: int, ckpt: str, extra: bool) -> list[fl
     return full_params(model, run)
 
 
+def controller_run(test: str) -> dict:
+    """AdAdaGradNorm + its controller (norm test) under FSDP2, the stream of tests/batch/dist_worker.py."""
+    from lbopt.integrations.fsdp import watch_unsharded
+
+    from tests.batch import dist_worker as D
+    from tests.batch import problem as P
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = shard(P.make_model(), "fsdp2")
+    opt = C.lbopt.AdAdaGradNorm(model.parameters(), lr=0.3, world_size=world, test=test, **D.CTRL, **D.TEST_KW[test])
+    ctrl = watch_unsharded(opt.batch_controller, model)
+    j, sizes = 0, []
+    for _ in range(D.STEPS):
+        k_total = ctrl.batch_size // P.MICRO
+        mine = [j + k for k in range(k_total) if k % world == rank]
+        opt.zero_grad()
+        for i, idx in enumerate(mine):
+            model.set_requires_gradient_sync(i == len(mine) - 1)  # reduce-scatter once per step
+            x, y = P.micro_batch(idx)
+            (P.loss_fn(model, x, y) / len(mine)).backward()
+        sizes.append(ctrl.batch_size)
+        opt.step()
+        j += k_total
+    return {"params": full_params(model, "fsdp2"), "sizes": sizes, "b_sq": opt.accumulator}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -183,6 +210,9 @@ def main() -> None:
     for spec in args.runs.split(","):
         run, _, only = spec.partition(":")
         results[run] = {}
+        if run == "controller":
+            results[run] = controller_run(only or "norm")
+            continue
         for name in only.split("+") if only else args.optimizers.split(","):
             if run == "zero" and name in ("CBLR-module", C.NAIVE):
                 continue  # ZeroRedundancyOptimizer's per-rank groups carry no names

@@ -80,7 +80,7 @@ def check_run(res: dict, label: str, sharded: bool) -> None:
 def world2(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """FSDP2 (+ save at step 6 and resume), FSDP1, ZeroRedundancyOptimizer and the refusals: one launch."""
     tmp = tmp_path_factory.mktemp("fsdp_w2")
-    runs = "fsdp2,fsdp1,zero,fsdp2-swap:LAMB+MCLR+AdaGradNorm,fsdp1-flat:LAMB,fsdp1-late:LAMB"
+    runs = "fsdp2,fsdp1,zero,fsdp2-swap:LAMB+MCLR+AdaGradNorm,fsdp1-flat:LAMB,fsdp1-late:LAMB,controller:norm"
     return worker(tmp, 2, "--runs", runs, "--resume-at", "6")
 
 
@@ -123,6 +123,19 @@ def test_fsdp2_follows_accelerates_parameter_swap(world2: dict) -> None:
     for name, r in world2["fsdp2-swap"].items():
         assert err(r["params"], name) <= TOL, name
         assert set(r["comms"]) == {C.ALL_REDUCES[name]}, name
+
+
+def test_batch_size_controller_under_fsdp2_matches_dense(world2: dict) -> None:
+    """AdAdaGradNorm's norm test fed by hooks on FSDP2's unsharded parameters (watch_unsharded)."""
+    from tests.batch import problem as P
+    from tests.batch import test_distributed as T
+
+    ref, ref_sizes, ref_b = T._dense("norm")
+    got = world2["controller"]
+    assert ref_sizes[-1] > ref_sizes[0], ref_sizes
+    assert got["sizes"] == ref_sizes
+    assert P.rel(torch.tensor(got["params"]), ref) <= TOL
+    assert abs(got["b_sq"] - ref_b) <= 1e-6 * ref_b
 
 
 def test_fsdp1_use_orig_params_matches_dense(world2: dict) -> None:
