@@ -416,39 +416,169 @@ def _scalar_stats(stats: Any) -> dict[str, float]:
     return out
 
 
-def main(task: Task, argv: list[str] | None = None) -> dict:
-    t0 = time.time()
-    args, raw = parse_args(task, argv)  # all user errors surface here, before any process group
+# --------------------------------------------------------------------------------------------
+# the run: set-up, one step runner per training mode, the loop, outputs
+# --------------------------------------------------------------------------------------------
 
-    import warnings
 
+def compute_loss(model, batch: dict):
+    """The loss one micro-batch contributes (the model's own mean loss); :class:`Run` may swap it."""
+    return model(**batch).loss
+
+
+@dataclass
+class Run:
+    """Everything a prepared training run holds; the step runners and the loop read it.
+
+    ``compute_loss(model, batch)`` gives a micro-batch's loss (replace it for a different loss
+    reduction); ``step_hooks`` are called as ``hook(run, record)`` after every optimizer step
+    (the record is the step's entry of ``progress.history``), before evaluation and saving.
+    """
+
+    args: argparse.Namespace
+    task: Task
+    accelerator: Any
+    model: Any
+    optimizer: Any  # as prepared by Accelerate (a DeepSpeed wrapper under DeepSpeed)
+    client_optimizer: Any  # the optimizer we built (exposes last_layer_stats)
+    scheduler: Any
+    train_dl: Any
+    eval_dl: Any
+    train_examples: int
+    micro_per_epoch: int  # micro-batches per rank and epoch
+    total_steps: int
+    lr: float
+    output_dir: Path
+    uses_deepspeed: bool
+    progress: Progress = field(default_factory=lambda: Progress())
+    metrics: dict = field(default_factory=dict)
+    compute_loss: Callable[[Any, dict], Any] = compute_loss
+    step_hooks: list[Callable[[Run, dict], None]] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step produced: the rank's mean loss (a 0-d tensor) and the global samples."""
+
+    loss: Any
+    samples: int
+
+
+class StepRunner:
+    """One optimizer step per :meth:`step` call; one subclass per training mode.
+
+    ``max_global_batch_size`` is the largest batch a step may have; :meth:`log_extras` adds the
+    mode's own per-step figures to the logs; :meth:`data_budget_reached` ends a run whose
+    length is counted in data rather than steps.
+    """
+
+    max_global_batch_size: int
+
+    def step(self) -> StepResult:
+        raise NotImplementedError
+
+    def log_extras(self) -> dict[str, float]:
+        return {}
+
+    def data_budget_reached(self, progress: Progress) -> bool:
+        return False
+
+
+class FixedBatchRunner(StepRunner):
+    """Every step: ``gradient_accumulation_steps`` micro-batches through ``accelerator.accumulate``,
+    gradient clipping (outside DeepSpeed, which clips itself), optimizer step."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        args = run.args
+        self.max_global_batch_size = args.global_batch_size
+        self.stream = micro_batches(run, run.progress.step * args.gradient_accumulation_steps)
+        self.clip = not run.uses_deepspeed and args.max_grad_norm > 0
+
+    def step(self) -> StepResult:
+        run, args, accelerator = self.run, self.run.args, self.run.accelerator
+        import torch
+
+        running = torch.zeros((), device=accelerator.device)
+        while True:
+            batch = next(self.stream)
+            with accelerator.accumulate(run.model):
+                loss = run.compute_loss(run.model, batch)
+                running += loss.detach().float() / args.gradient_accumulation_steps
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and self.clip:
+                    accelerator.clip_grad_norm_(run.model.parameters(), args.max_grad_norm)
+                run.optimizer.step()
+                run.optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                return StepResult(running, args.global_batch_size)
+
+
+class AdaptiveBatchRunner(StepRunner):
+    """AdAdaGrad*: the optimizer's batch controller sets each step's micro-batch count
+    (:class:`lbopt.integrations.adaptive_batch.AdaptiveBatchLoop`). No clipping: the controller's
+    noise test compares the unclipped micro-batch gradients with the gradient the step uses.
+    With ``--num_epochs`` the run ends once that much data is seen (steps grow with the batch)."""
+
+    def __init__(self, run: Run) -> None:
+        from lbopt.integrations.adaptive_batch import AdaptiveBatchLoop
+
+        self.run = run
+        args = run.args
+        unit = args.per_device_batch_size * args.world_size
+        self.max_global_batch_size = args.max_global_batch_size
+        # the LR scheduler stays ours (one tick per optimizer step); the controller's state is in the
+        # optimizer's checkpoint
+        self.loop = AdaptiveBatchLoop(run.model, run.optimizer, accelerator=run.accelerator, lr_scheduler=None)
+        self.controller = self.loop.controller
+        self.steps = self.loop.steps(micro_batches(run, run.progress.samples // unit))
+        self.sample_budget = None if args.max_steps else args.num_epochs * run.micro_per_epoch * unit
+
+    def step(self) -> StepResult:
+        import torch
+
+        run = self.run
+        adaptive_step = next(self.steps)
+        running = torch.zeros((), device=run.accelerator.device)
+        for batch in adaptive_step:
+            loss = run.compute_loss(run.model, batch)
+            running += loss.detach().float() / len(adaptive_step)
+            adaptive_step.backward(loss)
+        adaptive_step.finish()  # optimizer step (the controller picks the next batch), zero_grad
+        return StepResult(running, self.loop.batch_sizes[-1])
+
+    def log_extras(self) -> dict[str, float]:
+        return self.controller.last.as_dict()  # batch/size, batch/required, ... for the next step
+
+    def data_budget_reached(self, progress: Progress) -> bool:
+        return self.sample_budget is not None and progress.samples >= self.sample_budget
+
+
+def make_step_runner(run: Run) -> StepRunner:
+    """The step runner for this run's training mode."""
+    if run.args.optimizer in ADAPTIVE_OPTIMIZERS:
+        return AdaptiveBatchRunner(run)
+    return FixedBatchRunner(run)
+
+
+def create_accelerator(args: argparse.Namespace):
+    """The ``Accelerator`` for this launch (DeepSpeed from the launcher or --deepspeed_config; gloo on CPU)."""
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import (
-        DataLoaderConfiguration,
-        GradientAccumulationPlugin,
-        InitProcessGroupKwargs,
-        set_seed,
-    )
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, InitProcessGroupKwargs
 
-    from lbopt.metrics import load_metric
-
-    # torch's collective renames, hit inside DeepSpeed on every step: nothing a user can act on
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    output_dir = Path(args.output_dir)
     deepspeed_plugin = None
     if args.deepspeed_config:
         from accelerate.utils import DeepSpeedPlugin
 
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=args.deepspeed_settings)
+    deepspeed_requested = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
     handlers = []
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not torch.accelerator.is_available():
+    if deepspeed_requested and not torch.accelerator.is_available():
         # DeepSpeed on CPU (DS_ACCELERATOR=cpu): accelerate only counts the ranks when told the backend
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    deepspeed_requested = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
     adaptive = args.optimizer in ADAPTIVE_OPTIMIZERS  # checked in parse_args: not under DeepSpeed
     accelerator = Accelerator(
         # no accelerator at all: torchrun-launched ranks (integrations/accelerate/cpu.yaml) run gloo DDP on CPU
@@ -463,22 +593,24 @@ def main(task: Task, argv: list[str] | None = None) -> dict:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         mixed_precision=args.mixed_precision,
         log_with=_trackers(args) or None,
-        project_dir=str(output_dir),
+        project_dir=str(args.output_dir),
         deepspeed_plugin=deepspeed_plugin,
     )
     if accelerator.num_processes != args.world_size:
         die(f"launched with {accelerator.num_processes} processes but the batch was split for {args.world_size}")
-    set_seed(args.seed)
     if not accelerator.is_main_process:  # one copy of the library chatter is enough
         import datasets
         import transformers
 
         datasets.disable_progress_bars()
         transformers.utils.logging.set_verbosity_error()
-    uses_deepspeed = _configure_deepspeed(accelerator, args)
+    return accelerator
 
-    with accelerator.main_process_first():
-        model, tokenizer, train_ds, eval_ds, collate = task.build(args, raw)
+
+def data_loaders(args: argparse.Namespace, train_ds, eval_ds, collate) -> tuple[Any, Any]:
+    """Shuffled training micro-batches (full ones only) and evaluation batches."""
+    from torch.utils.data import DataLoader
+
     train_dl = DataLoader(
         train_ds,
         batch_size=args.per_device_batch_size,
@@ -493,230 +625,307 @@ def main(task: Task, argv: list[str] | None = None) -> dict:
         collate_fn=collate,
         num_workers=args.num_workers,
     )
+    return train_dl, eval_dl
+
+
+def planned_steps(args: argparse.Namespace, micro_per_epoch: int) -> int:
+    """--max_steps, else enough fixed-size steps for --num_epochs (at least one)."""
+    if args.max_steps:
+        return args.max_steps
+    return max(1, math.ceil(args.num_epochs * micro_per_epoch / args.gradient_accumulation_steps))
+
+
+def setup_run(task: Task, args: argparse.Namespace, raw: Any) -> Run:
+    """Accelerator, model, data, optimizer and schedule, prepared; resumed when asked."""
+    import torch
+    from accelerate.utils import set_seed
+
+    from lbopt.metrics import load_metric
+
+    accelerator = create_accelerator(args)
+    set_seed(args.seed)
+    uses_deepspeed = _configure_deepspeed(accelerator, args)
+    with accelerator.main_process_first():
+        model, _tokenizer, train_ds, eval_ds, collate = task.build(args, raw)
+    train_dl, eval_dl = data_loaders(args, train_ds, eval_ds, collate)
     micro_per_epoch = len(train_ds) // (args.per_device_batch_size * args.world_size)
     if micro_per_epoch == 0:
         die(f"the training set ({len(train_ds)} examples) is smaller than one micro-batch on every rank")
-    if args.max_steps:
-        total_steps = args.max_steps
-    else:
-        total_steps = max(1, math.ceil(args.num_epochs * micro_per_epoch / args.gradient_accumulation_steps))
-
+    total_steps = planned_steps(args, micro_per_epoch)
     lr = scaled_lr(args)
-    optimizer = create_optimizer(args, model, lr)
-    client_optimizer = optimizer
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, total_steps))
-    model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
+    client_optimizer = create_optimizer(args, model, lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(client_optimizer, lr_lambda(args, total_steps))
+    model, optimizer, train_dl, eval_dl = accelerator.prepare(model, client_optimizer, train_dl, eval_dl)
+    run = Run(
+        args=args,
+        task=task,
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        client_optimizer=client_optimizer,
+        scheduler=scheduler,
+        train_dl=train_dl,
+        eval_dl=eval_dl,
+        train_examples=len(train_ds),
+        micro_per_epoch=micro_per_epoch,
+        total_steps=total_steps,
+        lr=lr,
+        output_dir=Path(args.output_dir),
+        uses_deepspeed=uses_deepspeed,
+    )
     # not prepared: stepped once per optimizer step by us, on the same param_group dicts DeepSpeed uses
     accelerator.register_for_checkpointing(scheduler)
-    progress = Progress()
-    accelerator.register_for_checkpointing(progress)
-
-    resume = args.resume_from_checkpoint
-    if resume == "latest":
-        resume = _latest_checkpoint(output_dir)
-    if resume:
-        accelerator.load_state(str(resume))
-        accelerator.print(f"resumed from {resume} at step {progress.step}")
-
+    accelerator.register_for_checkpointing(run.progress)
+    resume(run)
     run_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
     run_config["scaled_lr"] = lr
     accelerator.init_trackers(args.run_name or f"{task.name}-{args.optimizer}", config=run_config)
-    metrics = {name: load_metric(name) for name in task.metrics}
+    run.metrics = {name: load_metric(name) for name in task.metrics}
+    return run
 
-    def evaluate() -> dict:
-        model.eval()
-        losses, preds, refs = [], [], []
-        with torch.no_grad():
-            for batch in eval_dl:
-                out = model(**batch)
-                n = batch["labels"].shape[0]
-                losses.append(accelerator.gather_for_metrics(out.loss.detach().float().repeat(n)))
-                p, r = task.predictions(out, batch)
-                p, r = accelerator.gather_for_metrics((p.contiguous(), r.contiguous()))
-                preds.append(p.cpu())
-                refs.append(r.cpu())
-        model.train()
-        pred, ref = torch.cat(preds).numpy(), torch.cat(refs).numpy()
-        result = {"eval_loss": float(torch.cat(losses).mean())}
-        for name, metric in metrics.items():
-            kwargs = {"average": "macro"} if name == "f1" else {}
-            value = metric.compute(predictions=pred, references=ref, **kwargs)
-            result.update({f"eval_{k}": float(v) for k, v in value.items()})
-        result.update(task.extra_eval(result["eval_loss"]))
-        return result
 
-    def micro_batches(start: int) -> Iterator[dict]:
-        epoch, skip = divmod(start, len(train_dl))
-        while True:
-            train_dl.set_epoch(epoch)
-            loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
-            # Starting an epoch draws a worker seed from the global RNG, which also drives dropout; keep
-            # that draw out of the global stream so a resumed run (which starts its epoch at a different
-            # moment) sees the same dropout masks as the original.
-            rng = torch.random.get_rng_state()
-            iterator = iter(loader)
-            first = next(iterator, None)
-            torch.random.set_rng_state(rng)
-            if first is not None:
-                yield first
-                yield from iterator
-            epoch, skip = epoch + 1, 0
+def resume(run: Run) -> None:
+    """Load --resume_from_checkpoint (a folder, or the newest under output_dir/checkpoints for 'latest')."""
+    target = run.args.resume_from_checkpoint
+    if target == "latest":
+        target = _latest_checkpoint(run.output_dir)
+    if target:
+        run.accelerator.load_state(str(target))
+        run.accelerator.print(f"resumed from {target} at step {run.progress.step}")
 
-    def save(step: int) -> None:
-        accelerator.save_state(str(output_dir / "checkpoints" / f"step_{step}"))
 
+def micro_batches(run: Run, start: int) -> Iterator[dict]:
+    """This rank's training micro-batches from the ``start``-th on, streaming across epochs."""
+    import torch
+
+    train_dl, accelerator = run.train_dl, run.accelerator
+    epoch, skip = divmod(start, len(train_dl))
+    while True:
+        train_dl.set_epoch(epoch)
+        loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+        # Starting an epoch draws a worker seed from the global RNG, which also drives dropout; keep
+        # that draw out of the global stream so a resumed run (which starts its epoch at a different
+        # moment) sees the same dropout masks as the original.
+        rng = torch.random.get_rng_state()
+        iterator = iter(loader)
+        first = next(iterator, None)
+        torch.random.set_rng_state(rng)
+        if first is not None:
+            yield first
+            yield from iterator
+        epoch, skip = epoch + 1, 0
+
+
+def evaluate(run: Run) -> dict:
+    """Mean loss and the task's metrics over the whole evaluation set (all ranks gathered)."""
+    import torch
+
+    model, accelerator = run.model, run.accelerator
+    model.eval()
+    losses, preds, refs = [], [], []
+    with torch.no_grad():
+        for batch in run.eval_dl:
+            out = model(**batch)
+            n = batch["labels"].shape[0]
+            losses.append(accelerator.gather_for_metrics(out.loss.detach().float().repeat(n)))
+            p, r = run.task.predictions(out, batch)
+            p, r = accelerator.gather_for_metrics((p.contiguous(), r.contiguous()))
+            preds.append(p.cpu())
+            refs.append(r.cpu())
     model.train()
-    if adaptive:
-        from lbopt.integrations.adaptive_batch import AdaptiveBatchLoop
+    pred, ref = torch.cat(preds).numpy(), torch.cat(refs).numpy()
+    result = {"eval_loss": float(torch.cat(losses).mean())}
+    for name, metric in run.metrics.items():
+        kwargs = {"average": "macro"} if name == "f1" else {}
+        value = metric.compute(predictions=pred, references=ref, **kwargs)
+        result.update({f"eval_{k}": float(v) for k, v in value.items()})
+    result.update(run.task.extra_eval(result["eval_loss"]))
+    return result
 
-        # fixed micro-batch, accumulation count from the optimizer's controller; the LR scheduler stays
-        # ours (one tick per optimizer step); the controller's state is in the optimizer's checkpoint
-        loop = AdaptiveBatchLoop(model, optimizer, accelerator=accelerator, lr_scheduler=None)
-        controller = loop.controller
-        stream = micro_batches(progress.samples // (args.per_device_batch_size * args.world_size))
-        adaptive_iter = loop.steps(stream)
-        # --num_epochs: the run ends once that much data is seen (steps get larger as the batch grows)
-        sample_budget = None if args.max_steps else args.num_epochs * micro_per_epoch * (
-            args.per_device_batch_size * args.world_size
-        )
-    else:
-        stream = micro_batches(progress.step * args.gradient_accumulation_steps)
+
+def save_checkpoint(run: Run, step: int) -> None:
+    """``accelerator.save_state`` into output_dir/checkpoints/step_<step>."""
+    run.accelerator.save_state(str(run.output_dir / "checkpoints" / f"step_{step}"))
+
+
+def record_step(run: Run, result: StepResult, step_lr: float) -> dict:
+    """Advance the progress counters by one optimizer step; return (and keep) the step's record."""
+    progress = run.progress
+    progress.step += 1
+    progress.samples += result.samples
+    progress.elapsed = time.time() - run.started
+    record = {
+        "step": progress.step,
+        "loss": run.accelerator.reduce(result.loss, reduction="mean").item(),
+        "lr": step_lr,
+        "batch_size": result.samples,  # global samples of this optimizer step
+        "samples": progress.samples,
+        "time": progress.elapsed,
+    }
+    progress.history.append(record)
+    return record
+
+
+def log_step(run: Run, runner: StepRunner, record: dict) -> None:
+    """Trackers: the step record, the optimizer's per-layer statistics, the mode's own figures."""
+    if record["step"] % run.args.log_steps and record["step"] != run.total_steps:
+        return
+    logged = {k: v for k, v in record.items() if k != "step"}
+    logged.update({f"layer/{k}": v for k, v in layer_stats(run).items()})
+    logged.update(runner.log_extras())
+    run.accelerator.log(logged, step=record["step"])
+
+
+def layer_stats(run: Run) -> dict[str, float]:
+    """The client optimizer's last per-layer statistics (rates, trust ratios, curvatures), flat."""
+    return _scalar_stats(getattr(run.client_optimizer, "last_layer_stats", None))
+
+
+def over_time_budget(run: Run) -> bool:
+    """True on every rank when one more average step would pass --time_budget_s on any rank."""
+    import torch
+
+    progress = run.progress
+    # every rank must agree, or the one that stops leaves the others waiting in a collective
+    next_end = progress.elapsed * (progress.step + 1) / progress.step
+    over = torch.tensor(float(next_end > run.args.time_budget_s), device=run.accelerator.device)
+    return bool(run.accelerator.reduce(over, reduction="sum").item() > 0)
+
+
+def stop_reason(run: Run) -> str | None:
+    """Why the run ends before its planned steps, if it does: the time budget or --stop_after_steps."""
+    args, step = run.args, run.progress.step
+    if step >= run.total_steps:
+        return None
+    if args.stop_after_steps and step >= args.stop_after_steps:
+        return f"stopped at step {step}/{run.total_steps} (--stop_after_steps)"
+    if args.time_budget_s and over_time_budget(run):
+        return f"time budget of {args.time_budget_s:.0f} s reached at step {step}/{run.total_steps}"
+    return None
+
+
+def evaluate_and_log(run: Run, bar) -> None:
+    result = evaluate(run)
+    progress = run.progress
+    progress.evals.append({"step": progress.step, "samples": progress.samples, **result})
+    run.accelerator.log(result, step=progress.step)
+    if run.accelerator.is_main_process:
+        bar.write(f"step {progress.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
+
+
+def train(run: Run, runner: StepRunner) -> bool:
+    """Optimizer steps until the planned end or an early stop; return whether it stopped early."""
+    from tqdm.auto import tqdm
+
+    args, progress = run.args, run.progress
     bar = tqdm(
-        total=total_steps,
+        total=run.total_steps,
         initial=progress.step,
-        disable=not accelerator.is_main_process,
-        desc=f"{task.name}/{args.optimizer}",
+        disable=not run.accelerator.is_main_process,
+        desc=f"{run.task.name}/{args.optimizer}",
         dynamic_ncols=True,
     )
-    start_time = time.time() - progress.elapsed
-    running = torch.zeros((), device=accelerator.device)
-    stopped_early = False
-    while progress.step < total_steps:
-        if adaptive:
-            # no clipping here: the controller's noise test compares the unclipped micro-batch gradients
-            # with the gradient the optimizer steps on
-            adaptive_step = next(adaptive_iter)
-            for batch in adaptive_step:
-                out = model(**batch)
-                running += out.loss.detach().float() / len(adaptive_step)
-                adaptive_step.backward(out.loss)
-            adaptive_step.finish()  # optimizer step (the controller picks the next batch), zero_grad
-            step_samples = loop.batch_sizes[-1]
-        else:
-            batch = next(stream)
-            with accelerator.accumulate(model):
-                out = model(**batch)
-                running += out.loss.detach().float() / args.gradient_accumulation_steps
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients and not uses_deepspeed and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            step_samples = args.global_batch_size
-        step_lr = scheduler.get_last_lr()[0]  # the rate this step used
-        scheduler.step()
-        progress.step += 1
-        progress.samples += step_samples
-        progress.elapsed = time.time() - start_time
-        loss = accelerator.reduce(running, reduction="mean").item()
-        running.zero_()
-        record = {
-            "step": progress.step,
-            "loss": loss,
-            "lr": step_lr,
-            "batch_size": step_samples,  # global samples of this optimizer step
-            "samples": progress.samples,
-            "time": progress.elapsed,
-        }
-        progress.history.append(record)
+    run.started = time.time() - progress.elapsed
+    run.model.train()
+    reason = None
+    while progress.step < run.total_steps and reason is None:
+        step_lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
+        result = runner.step()
+        run.scheduler.step()
+        record = record_step(run, result, step_lr)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
-        if progress.step % args.log_steps == 0 or progress.step == total_steps:
-            logged = {k: v for k, v in record.items() if k != "step"}
-            logged.update(
-                {f"layer/{k}": v for k, v in _scalar_stats(getattr(client_optimizer, "last_layer_stats", None)).items()}
-            )
-            if adaptive:  # the controller's decision for the next step: batch/size, batch/required, ...
-                logged.update(controller.last.as_dict())
-            accelerator.log(logged, step=progress.step)
-        if args.time_budget_s and progress.step < total_steps:
-            # every rank must agree, or the one that stops leaves the others waiting in a collective
-            # stop when one more average step would overrun the budget
-            next_end = progress.elapsed * (progress.step + 1) / progress.step
-            over = torch.tensor(float(next_end > args.time_budget_s), device=accelerator.device)
-            stopped_early = bool(accelerator.reduce(over, reduction="sum").item() > 0)
-        if args.stop_after_steps and progress.step >= args.stop_after_steps:
-            stopped_early = progress.step < total_steps
-        if adaptive and sample_budget is not None and progress.samples >= sample_budget:
-            total_steps = progress.step  # --num_epochs of data seen
-        last = progress.step == total_steps or stopped_early
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{step_lr:.2e}")
+        log_step(run, runner, record)
+        for hook in run.step_hooks:
+            hook(run, record)
+        reason = stop_reason(run)
+        if runner.data_budget_reached(progress):
+            run.total_steps = progress.step  # --num_epochs of data seen
+        last = progress.step == run.total_steps or reason is not None
         if last or (args.eval_steps and progress.step % args.eval_steps == 0):
-            result = evaluate()
-            progress.evals.append({"step": progress.step, "samples": progress.samples, **result})
-            accelerator.log(result, step=progress.step)
-            if accelerator.is_main_process:
-                bar.write(f"step {progress.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
+            evaluate_and_log(run, bar)
         if args.checkpoint_steps and progress.step % args.checkpoint_steps == 0 and not last:
-            save(progress.step)
-        if stopped_early and args.stop_after_steps and progress.step >= args.stop_after_steps:
-            accelerator.print(f"stopped at step {progress.step}/{total_steps} (--stop_after_steps)")
-            break
-        if stopped_early:
-            accelerator.print(
-                f"time budget of {args.time_budget_s:.0f} s reached at step {progress.step}/{total_steps}"
-            )
-            break
+            save_checkpoint(run, progress.step)
     bar.close()
-    progress.elapsed = time.time() - start_time
-    if not args.no_final_checkpoint:
-        save(progress.step)
+    if reason:
+        run.accelerator.print(reason)
+    progress.elapsed = time.time() - run.started
+    return reason is not None
 
-    summary = {
-        "task": task.name,
+
+def build_summary(run: Run, runner: StepRunner, stopped_early: bool, launch_time: float) -> dict:
+    """Everything ``summary.json`` records about the run."""
+    args, progress, history = run.args, run.progress, run.progress.history
+    return {
+        "task": run.task.name,
         "model": args.model,
         "dataset": args.dataset,
         "optimizer": args.optimizer,
         "optimizer_kwargs": args.optimizer_kwargs,
         "world_size": args.world_size,
-        "deepspeed": uses_deepspeed,
-        "zero_stage": (accelerator.state.deepspeed_plugin.zero_stage if uses_deepspeed else None),
+        "deepspeed": run.uses_deepspeed,
+        "zero_stage": (run.accelerator.state.deepspeed_plugin.zero_stage if run.uses_deepspeed else None),
         "global_batch_size": args.global_batch_size,
-        "max_global_batch_size": args.max_global_batch_size if adaptive else args.global_batch_size,
-        "final_global_batch_size": progress.history[-1]["batch_size"] if progress.history else None,
+        "max_global_batch_size": runner.max_global_batch_size,
+        "final_global_batch_size": history[-1]["batch_size"] if history else None,
         "per_device_batch_size": args.per_device_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "lr": args.lr,
-        "scaled_lr": lr,
+        "scaled_lr": run.lr,
         "steps": progress.step,
-        "planned_steps": total_steps,
+        "planned_steps": run.total_steps,
         "stopped_early": stopped_early,
         "samples": progress.samples,
-        "epochs": progress.samples / len(train_ds),
-        "train_examples": len(train_ds),
+        "epochs": progress.samples / run.train_examples,
+        "train_examples": run.train_examples,
         "wall_time_s": progress.elapsed,
-        "total_wall_time_s": time.time() - t0,
-        "final_loss": progress.history[-1]["loss"] if progress.history else None,
+        "total_wall_time_s": time.time() - launch_time,
+        "final_loss": history[-1]["loss"] if history else None,
         "final_eval": progress.evals[-1] if progress.evals else {},
         "evals": progress.evals,
-        "batch_size_trajectory": [[r["step"], r["batch_size"]] for r in progress.history],
-        "loss_curve": [[r["step"], r["loss"]] for r in progress.history],
-        "lr_curve": [[r["step"], r["lr"]] for r in progress.history],
-        "time_curve": [[r["step"], r["time"]] for r in progress.history],
-        "last_layer_stats": _scalar_stats(getattr(client_optimizer, "last_layer_stats", None)),
+        "batch_size_trajectory": [[r["step"], r["batch_size"]] for r in history],
+        "loss_curve": [[r["step"], r["loss"]] for r in history],
+        "lr_curve": [[r["step"], r["lr"]] for r in history],
+        "time_curve": [[r["step"], r["time"]] for r in history],
+        "last_layer_stats": layer_stats(run),
     }
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        write_plot(summary, output_dir / "training.png")
-        print(f"wrote {output_dir / 'summary.json'} and {output_dir / 'training.png'}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+
+
+def write_outputs(run: Run, summary: dict) -> None:
+    """summary.json and training.png, written by the main process."""
+    if run.accelerator.is_main_process:
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_plot(summary, run.output_dir / "training.png")
+        print(f"wrote {run.output_dir / 'summary.json'} and {run.output_dir / 'training.png'}")
+
+
+def shutdown(run: Run) -> None:
+    """End trackers and destroy the process group (ZeRO-3 processes hang at exit without it)."""
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()  # ZeRO-3 processes hang at exit without this
+        dist.destroy_process_group()
+
+
+def main(task: Task, argv: list[str] | None = None) -> dict:
+    """Parse and validate (before any process group), set up, train, save, summarise; return the summary."""
+    launch_time = time.time()
+    args, raw = parse_args(task, argv)  # all user errors surface here, before any process group
+    import warnings
+
+    # torch's collective renames, hit inside DeepSpeed on every step: nothing a user can act on
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    run = setup_run(task, args, raw)
+    runner = make_step_runner(run)
+    stopped_early = train(run, runner)
+    if not args.no_final_checkpoint:
+        save_checkpoint(run, run.progress.step)
+    summary = build_summary(run, runner, stopped_early, launch_time)
+    write_outputs(run, summary)
+    shutdown(run)
     return summary
 
 
