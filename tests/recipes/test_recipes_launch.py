@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tests.recipes.helpers import launch, summary_of
+from tests.recipes.helpers import launch, strict_json, summary_of
 
 pytestmark = pytest.mark.distributed
 
@@ -17,33 +17,75 @@ TINY_CLS = [
 ]  # fmt: skip
 
 
-def test_classification_lamb_zero2_checkpoint_and_resume(tmp_path):
+def test_classification_lamb_zero2_atomic_checkpoints_survive_a_kill_during_save(tmp_path):
+    """Uninterrupted run vs. a run killed while saving step 4 and resumed from 'latest' (= step 2)."""
     first = tmp_path / "first"
     args = [*TINY_CLS, "--optimizer", "lamb", "--max_steps", "4", "--eval_steps", "2", "--checkpoint_steps", "2"]
+    args += ["--save_total_limit", "1"]
     s = summary_of(launch("deepspeed_zero2.yaml", "classification.py", [*args, "--output_dir", str(first)]), first)
-    assert (s["deepspeed"], s["zero_stage"], s["world_size"]) == (True, 2, 2)
-    assert (s["steps"], s["samples"], s["gradient_accumulation_steps"]) == (4, 256, 2)
+    assert strict_json(first / "summary.json") == s
+    assert (s["deepspeed"], s["zero_stage"], s["world_size"], s["status"]) == (True, 2, 2, "completed")
+    assert (s["steps"], s["optimizer_updates"], s["skipped_steps"], s["samples"]) == (4, 4, 0, 256)
+    assert s["gradient_accumulation_steps"] == 2
     assert s["batch_size_trajectory"] == [[step, 64] for step in range(1, 5)]
     assert [e["step"] for e in s["evals"]] == [2, 4]
     assert 0.0 <= s["final_eval"]["eval_accuracy"] <= 1.0 and 0.0 <= s["final_eval"]["eval_f1"] <= 1.0
     assert all(math.isfinite(loss) for _, loss in s["loss_curve"])
     assert s["last_layer_stats"], "LAMB exposes per-layer rates; the recipe should report them"
+    assert {k.split("/")[0] for k in s["layer_curves"]} == {"lr", "trust_ratio"}
+    assert all(len(points) == 4 for points in s["layer_curves"].values())
     assert (first / "training.png").stat().st_size > 10_000
     assert list(first.glob("classification-lamb/events.out.tfevents.*")), "TensorBoard logs missing"
-    assert {p.name for p in (first / "checkpoints").iterdir()} == {"step_2", "step_4"}
+    # --save_total_limit 1: step_2 was pruned once step_4 was complete; nothing incomplete is left
+    assert sorted(p.name for p in (first / "checkpoints").iterdir()) == ["step_4"]
+    assert s["latest_checkpoint"] == str(first / "checkpoints" / "step_4")
+    model = first / "model"  # the final save_pretrained folder loads as a model
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in model.iterdir()}
 
-    resumed = tmp_path / "resumed"
+    killed = tmp_path / "killed"
     proc = launch(
         "deepspeed_zero2.yaml",
         "classification.py",
-        [*args, "--output_dir", str(resumed), "--resume_from_checkpoint", str(first / "checkpoints" / "step_2")],
+        [*args, "--output_dir", str(killed)],
+        env={"LBOPT_RECIPES_KILL_DURING_SAVE": "4"},  # SIGKILL of rank 0 with step 4's shards half written
     )
-    r = summary_of(proc, resumed)
-    assert "resumed from" in proc.stdout and r["steps"] == 4 and r["samples"] == 256
-    # same data order, optimizer state and schedule: the resumed run retraces the original
+    assert proc.returncode != 0
+    names = sorted(p.name for p in (killed / "checkpoints").iterdir())
+    assert names == [".incomplete-step_4", "step_2"], names  # the torn save is not a checkpoint
+
+    proc = launch(
+        "deepspeed_zero2.yaml",
+        "classification.py",
+        [*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"],
+    )
+    r = summary_of(proc, killed)
+    assert f"resumed from {killed / 'checkpoints' / 'step_2'} at step 2" in proc.stdout
+    assert (r["steps"], r["samples"], r["optimizer_updates"]) == (4, 256, 4)
+    # same data order, optimizer state and schedule: the resumed run retraces the uninterrupted one
     for (step, a), (_, b) in zip(s["loss_curve"], r["loss_curve"]):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5), step
     assert r["final_eval"]["eval_loss"] == pytest.approx(s["final_eval"]["eval_loss"], rel=1e-4)
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step_4"]
+
+
+def test_divergence_stops_the_run_and_saves_nothing_of_it(tmp_path):
+    """LAMB at lr 1e4 under ZeRO-2: NaN loss / skipped steps -> non-zero exit, strict JSON, no diverged checkpoint."""
+    out = tmp_path / "diverged"
+    args = [*TINY_CLS, "--optimizer", "lamb", "--lr", "1e4", "--lr_scaling", "none", "--max_steps", "8"]
+    args += ["--checkpoint_steps", "1", "--report_to", "none", "--output_dir", str(out)]
+    proc = launch("deepspeed_zero2.yaml", "classification.py", args)
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: the run diverged")]
+    assert errors and "nothing of it was saved" in errors[0] and "--on_divergence continue" in errors[0], proc.stderr[
+        -3000:
+    ]
+    s = strict_json(out / "summary.json")  # bare NaN would fail here
+    assert s["status"] == "diverged" and s["diverged"] and s["diverged_at_step"] == s["steps"] < 8
+    assert s["optimizer_updates"] + s["skipped_steps"] == s["steps"]
+    assert not (out / "model").exists()
+    saved = sorted(int(p.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*"))
+    assert saved == list(range(1, s["steps"])), saved  # every step before the divergence, not the diverged one
+    assert s["latest_checkpoint"] == (str(out / "checkpoints" / f"step_{saved[-1]}") if saved else None)
 
 
 def test_causal_lm_cblr_zero2(tmp_path):
