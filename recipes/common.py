@@ -501,9 +501,22 @@ def load_data(task: Task, args: argparse.Namespace) -> Any:
         die(f"--dataset {args.dataset!r} could not be loaded: {type(err).__name__}: {str(err).splitlines()[0]}")
 
 
+RECIPE_PACKAGES = ("accelerate", "transformers", "datasets", "evaluate", "matplotlib", "tqdm")
+
+
+def check_packages(names: tuple[str, ...] = RECIPE_PACKAGES) -> None:
+    """Every package the recipes import is installed, or one line naming the extra that brings it."""
+    import importlib.util
+
+    missing = [name for name in names if importlib.util.find_spec(name) is None]
+    if missing:
+        die(f"the recipes need {', '.join(missing)}: pip install 'lbopt[recipes]'")
+
+
 def parse_args(task: Task, argv: list[str] | None = None) -> tuple[argparse.Namespace, Any]:
     """Parse and validate everything; return (args, raw DatasetDict). One-line SystemExit on error."""
     args = build_parser(task).parse_args(argv)
+    check_packages()
     if args.optimizer not in OPTIMIZERS:
         die(f"--optimizer {args.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
     try:

@@ -1,5 +1,8 @@
 """Data sets for the recipes: a shipped offline one, local files, or a hub name.
 
+Recipe support, not part of the optimizer library: it needs ``datasets`` (``pip install
+'lbopt[recipes]'``), imported only inside the loaders, and nothing in ``lbopt`` imports it.
+
 The shipped ``stdlib-topics`` set (see ``stdlib_topics/LICENSE.md``) is real English text:
 docstrings of the CPython 3.11 standard library, each labelled with one of nine topics of its
 module. 3049 training and 533 validation examples; a fine-tuned MiniLM gets well below 100 %, so
@@ -48,6 +51,14 @@ _SHIPPED_DIR = Path(__file__).resolve().parent / "stdlib_topics"
 _LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
+def _require_datasets() -> None:
+    """ImportError naming the extra to install when ``datasets`` is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is None:
+        raise ImportError("lbopt.data needs the 'datasets' package: pip install 'lbopt[recipes]'")
+
+
 def _read_shipped(split: str) -> list[dict]:
     with gzip.open(_SHIPPED_DIR / f"{split}.jsonl.gz", "rt", encoding="utf-8") as fh:
         return [json.loads(line) for line in fh]
@@ -55,6 +66,7 @@ def _read_shipped(split: str) -> list[dict]:
 
 def load_stdlib_topics() -> DatasetDict:
     """The shipped classification set: columns ``text`` (str) and ``label`` (ClassLabel, 9 names)."""
+    _require_datasets()
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
     features = Features({"text": Value("string"), "label": ClassLabel(names=list(STDLIB_TOPICS_LABELS))})
@@ -69,6 +81,7 @@ def load_stdlib_topics() -> DatasetDict:
 
 def load_stdlib_corpus() -> DatasetDict:
     """The same texts as a causal-LM corpus: one column ``text``, splits train/validation."""
+    _require_datasets()
     from datasets import Dataset, DatasetDict
 
     return DatasetDict(
@@ -102,6 +115,7 @@ def load_text_dataset(
     ``check`` (e.g. :func:`check_texts`) sees the splits as loaded, before any carving, so the
     row numbers in its messages are the rows of the files.
     """
+    _require_datasets()
     from datasets import DatasetDict, load_dataset
 
     if name_or_path == STDLIB_TOPICS:

@@ -18,9 +18,14 @@ if str(RECIPES) not in sys.path:
 
 
 def launch(
-    config: str, recipe: str, args: list[str], timeout: float = 300, env: dict[str, str] | None = None
+    config: str,
+    recipe: str,
+    args: list[str],
+    timeout: float = 300,
+    env: dict[str, str | None] | None = None,
+    launcher_args: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
-    """``accelerate launch --config_file integrations/accelerate/<config> recipes/<recipe> <args>``.
+    """``accelerate launch --config_file integrations/accelerate/<config> <launcher_args> recipes/<recipe> <args>``.
 
     ``env`` adds to (or, with a value of None, removes from) the launch environment."""
     cmd = [
@@ -31,6 +36,7 @@ def launch(
         str(ACCELERATE_CONFIGS / config),
         "--main_process_port",
         str(free_port()),
+        *launcher_args,
         str(RECIPES / recipe),
         *args,
     ]
