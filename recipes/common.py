@@ -859,6 +859,9 @@ def create_accelerator(args: argparse.Namespace):
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=args.deepspeed_settings)
     deepspeed_requested = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not torch.accelerator.is_available():
+        die("an FSDP launch config needs GPUs: Accelerate enables FSDP only on accelerator ranks and would "
+            "silently train plain DDP on this CPU-only machine; use integrations/accelerate/cpu.yaml here")
     handlers = []
     if deepspeed_requested and not torch.accelerator.is_available():
         # DeepSpeed on CPU (DS_ACCELERATOR=cpu): accelerate only counts the ranks when told the backend
@@ -889,6 +892,22 @@ def create_accelerator(args: argparse.Namespace):
         datasets.disable_progress_bars()
         transformers.utils.logging.set_verbosity_error()
     return accelerator
+
+
+def bind_fsdp(run: Run) -> None:
+    """Under FSDP: keep lbopt's per-layer state in checkpoints (DCP drops it); FSDP1: bind the shard layout."""
+    from accelerate.utils import DistributedType
+
+    from lbopt import LayerwiseOptimizer
+
+    accelerator = run.accelerator
+    if accelerator.distributed_type != DistributedType.FSDP or not isinstance(run.client_optimizer, LayerwiseOptimizer):
+        return
+    from lbopt.integrations.fsdp import LayerStateCheckpoint, bind_fsdp1
+
+    if accelerator.state.fsdp_plugin.fsdp_version == 1:
+        bind_fsdp1(run.optimizer, run.model)
+    accelerator.register_for_checkpointing(LayerStateCheckpoint(run.optimizer))
 
 
 def data_loaders(args: argparse.Namespace, train_ds, eval_ds, collate) -> tuple[Any, Any]:
@@ -988,6 +1007,7 @@ def setup_run(task: Task, args: argparse.Namespace, raw: Any, watchdog: StartupW
     # not prepared: stepped once per optimizer step by us, on the same param_group dicts DeepSpeed uses
     accelerator.register_for_checkpointing(scheduler)
     accelerator.register_for_checkpointing(run.progress)
+    bind_fsdp(run)
     resume(run)
     run.guard = DivergenceGuard(
         max_skipped_steps=args.max_skipped_steps,

@@ -160,3 +160,15 @@ def test_zero_redundancy_exact_or_refused(world2: dict) -> None:
         assert err(res[n]["params"], n) <= TOL, n
     for n in refused:
         assert "ZeroRedundancyOptimizer" in res[n]["error"] and "FSDP2" in res[n]["error"], res[n]["error"]
+
+
+def test_recipe_refuses_fsdp_configs_without_gpus(tmp_path: Path) -> None:
+    """Accelerate would silently run DDP for an FSDP config on CPU ranks: the recipe says so and stops."""
+    from tests.recipes.helpers import launch
+
+    for config in ("fsdp2.yaml",):  # fsdp1.yaml takes the same branch (ACCELERATE_USE_FSDP)
+        proc = launch(config, "classification.py", ["--optimizer", "cblr", "--output_dir", str(tmp_path)])
+        assert proc.returncode != 0
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+        assert lines and "needs GPUs" in lines[0] and "cpu.yaml" in lines[0], proc.stderr[-2000:]
+        assert not (tmp_path / "summary.json").exists()

@@ -25,6 +25,8 @@ EXPECTED = {
     "deepspeed_zero3": "DEEPSPEED",
     "deepspeed_zero3_offload": "DEEPSPEED",
     "deepspeed_multinode": "DEEPSPEED",
+    "fsdp2": "FSDP",
+    "fsdp1": "FSDP",
 }
 
 
