@@ -10,9 +10,12 @@ sharded, so a layer cut between ranks is summed exactly.
 
 Layouts come from *resolvers*. Two are built in: the dense one (one segment per parameter)
 and :func:`dtensor_layout` for torch's own sharded tensors (``DTensor``: FSDP2's
-``fully_shard`` and HSDP), whose local shard and global offset torch states itself. Engine
-adapters in :mod:`lbopt.integrations` register resolvers for other partitioned tensors with
-:func:`register_layout_resolver`. The core never imports an engine.
+``fully_shard`` and HSDP), whose local shard and global offset torch states itself. For
+other partitioned tensors an engine adapter hands the optimizer a resolver bound to that
+engine's partitions (``optimizer.layout_resolver``, e.g. set by
+:func:`lbopt.integrations.deepspeed.bind` or :func:`lbopt.integrations.fsdp.bind_fsdp1`);
+it is asked first. Resolvers registered process-wide with :func:`register_layout_resolver`
+are asked last. The core never imports an engine.
 
 A layout's ``tensors`` are the objects the optimizer keys its state on (parameters,
 DTensors, flat partitions); :func:`segment_view` and :meth:`Layout.views` always return
@@ -188,11 +191,12 @@ def resolve_layout(
     """Find the layout of ``tensors``.
 
     ``originals`` maps ``id(param)`` of the construction-time parameters to their record
-    index. ``resolver`` is the resolver an engine adapter bound to this optimizer (e.g.
-    :func:`lbopt.integrations.fsdp.bind_fsdp1`); it is asked first. Then: if every tensor
-    is an original parameter the layout is dense (:func:`dtensor_layout` for DTensors);
-    otherwise the registered resolvers are asked. Raises ``RuntimeError`` rather than ever
-    computing layer statistics on unknown slices.
+    index. ``resolver`` is the resolver an engine adapter bound to this optimizer (DeepSpeed
+    partitions, FSDP1 shard views); it is asked first, and must return ``None`` for tensors
+    it does not know. Then: FSDP1 FlatParameters are refused; if every tensor is an original
+    parameter the layout is dense (:func:`dtensor_layout` for DTensors); otherwise the
+    registered resolvers are asked. Raises ``RuntimeError`` rather than ever computing layer
+    statistics on unknown slices.
     """
     if resolver is not None:
         layout = resolver(table, tensors)
@@ -213,18 +217,20 @@ def resolve_layout(
         if dtensor is not None and any(isinstance(t, dtensor) for t in tensors):
             return dtensor_layout(table, tensors, indices)  # type: ignore[arg-type]
         return dense_layout(table, tensors, indices)  # type: ignore[arg-type]
-    for resolver in _RESOLVERS:
-        layout = resolver(table, tensors)
+    for candidate in _RESOLVERS:
+        layout = candidate(table, tensors)
         if layout is not None:
             return layout
     shapes = [tuple(t.shape) for t, i in zip(tensors, indices) if i is None][:3]
     raise RuntimeError(
         "lbopt: the optimizer was handed tensors that are not the parameters it was constructed "
         f"with (shapes {shapes}), and no engine adapter recognises them. Layer-wise statistics on "
-        "unknown slices would be wrong. If these are DeepSpeed ZeRO partitions, `import "
-        "lbopt.integrations.deepspeed` before deepspeed.initialize (importing lbopt does this "
-        "when DeepSpeed is installed); otherwise construct the optimizer with the parameters it "
-        "will update."
+        "unknown slices would be wrong. If these are DeepSpeed partitions, bind the engine: "
+        "lbopt.integrations.deepspeed.initialize(...) instead of deepspeed.initialize, or "
+        "lbopt.integrations.deepspeed.bind(engine) right after it, or "
+        "lbopt.integrations.deepspeed.install() before it (needed for fp16/bf16 without ZeRO, "
+        "Accelerate and the HF Trainer); otherwise construct the optimizer with the parameters "
+        "it will update."
     )
 
 

@@ -423,7 +423,9 @@ class LayerwiseOptimizer(Optimizer):
         plan = self._plans.get(key)
         if plan is None:
             self._adopt_replaced_parameters()
-            layout = resolve_layout(self.table, tensors, self._original_index, resolver=self.layout_resolver)
+            layout = resolve_layout(
+                self.table, tensors, self._original_index, resolver=getattr(self, "layout_resolver", None)
+            )
             plan = StepPlan(layout=layout, stats=LayerStats(layout))
             if len(self._plans) > 64:
                 self._plans.clear()
