@@ -14,14 +14,14 @@ import math
 import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch.optim import Optimizer
 
 from lbopt.layout import LayerTable, Layout, ParamRecord, resolve_layout
-from lbopt.rules.direction import adam_direction
+from lbopt.rules.direction import CPU_BLOCK, adam_direction, scaled_adam_direction
 from lbopt.stats import LayerStats
 
 __all__ = ["ExcludeSpec", "LayerwiseOptimizer", "NonFiniteGradientError", "StepPlan"]
@@ -113,14 +113,34 @@ def _dedupe_params(params: Any) -> list[dict[str, Any]]:
 
 @dataclass
 class StepPlan:
-    """Everything one ``step()`` call needs about its local tensors, cached per tensor set."""
+    """Everything one ``step()`` call needs about its local tensors, cached per tensor set.
+
+    ``seg_group[i]`` / ``seg_layer[i]``: parameter group index and layer of segment ``i``
+    (host lists, so per-group constants never visit the device).
+    """
 
     layout: Layout
     stats: LayerStats
+    seg_group: list[int] = field(default_factory=list)
+    seg_layer: list[int] = field(default_factory=list)
+
+    def _seg_index(self, device: torch.device) -> torch.Tensor:
+        index = self.stats._seg_layer  # already on the statistics device
+        return index if index.device == device else self.layout.seg_layer.to(device)
 
     def seg_values(self, per_layer: torch.Tensor) -> list[float]:
-        """Per-segment Python floats from a per-layer tensor."""
-        return per_layer[self.layout.seg_layer.to(per_layer.device)].tolist()
+        """Per-segment Python floats from a per-layer tensor: one device→host copy (a sync)."""
+        return per_layer[self._seg_index(per_layer.device)].tolist()
+
+    def seg_tensors(self, per_layer: torch.Tensor, scale: Sequence[float] | None = None) -> list[torch.Tensor]:
+        """Per-segment 0-dim tensors from a per-layer tensor (times ``scale[i]``), on its device.
+
+        No host sync: the values stay where they were computed (see :func:`lbopt.rules.direction.descend`).
+        """
+        values = per_layer[self._seg_index(per_layer.device)]
+        if scale is not None:
+            values = values * torch.tensor(list(scale), dtype=values.dtype, device=values.device)
+        return list(values.unbind())
 
 
 class LayerwiseOptimizer(Optimizer):
@@ -244,7 +264,11 @@ class LayerwiseOptimizer(Optimizer):
         plan = self._plans.get(key)
         if plan is None:
             layout = resolve_layout(self.table, tensors, self._original_index)
-            plan = StepPlan(layout=layout, stats=LayerStats(layout))
+            seg_layer = [s.layer for s in layout.segments]
+            plan = StepPlan(
+                layout=layout, stats=LayerStats(layout), seg_layer=seg_layer,
+                seg_group=[self.table.group[layer] for layer in seg_layer],
+            )
             if len(self._plans) > 64:
                 self._plans.clear()
             self._plans[key] = plan
@@ -254,10 +278,29 @@ class LayerwiseOptimizer(Optimizer):
         return {g[_GROUP_INDEX]: g for g in self.param_groups}
 
     def layer_hparam(self, key: str, device: torch.device, default: float = 0.0) -> torch.Tensor:
-        """Per-layer value of group hyperparameter ``key`` (``default`` for layers not in this call)."""
+        """Per-layer value of group hyperparameter ``key`` (``default`` for layers not in this call).
+
+        Built on the host from the group dicts and copied to ``device`` (host→device only:
+        no sync); the tensor is cached while the values do not change.
+        """
         groups = self._groups_by_index()
-        vals = [float(groups[g][key]) if g in groups else default for g in self.table.group]
-        return torch.tensor(vals, dtype=torch.float64, device=device)
+        vals = tuple(float(groups[g][key]) if g in groups else default for g in self.table.group)
+        cache = self.__dict__.setdefault("_hparam_cache", {})
+        hit = cache.get((key, device))
+        if hit is None or hit[0] != vals:
+            hit = (vals, torch.tensor(vals, dtype=torch.float64, device=device))
+            cache[(key, device)] = hit
+        return hit[1]
+
+    def seg_hparam(self, plan: StepPlan, key: str) -> list[float]:
+        """Per-segment value of group hyperparameter ``key``, on the host (no device round trip)."""
+        groups = self._groups_by_index()
+        return [float(groups[g][key]) for g in plan.seg_group]
+
+    def seg_weight_decay(self, plan: StepPlan) -> list[float]:
+        """Per-segment β actually applied (0 where the layer does not decay), on the host."""
+        decays = self.table.decay
+        return [b if decays[layer] else 0.0 for b, layer in zip(self.seg_hparam(plan, "weight_decay"), plan.seg_layer)]
 
     def layer_weight_decay(self, device: torch.device) -> torch.Tensor:
         """Per-layer β actually applied: the group's ``weight_decay`` where the layer decays, else 0."""
@@ -324,6 +367,40 @@ class LayerwiseOptimizer(Optimizer):
             params,
             weight_decays,
         )
+
+    def scaled_adam_direction(
+        self, plan: StepPlan, grads: list[torch.Tensor], eps_key: str, params: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[float], torch.Tensor]:
+        """Update the Adam moments; return ``(d, k, ‖d‖²)`` with ``u = k·d = m̂/(√v̂+ε) + βw`` per segment.
+
+        ``d`` lives in the one work buffer (slot ``"adam"``); see
+        :func:`lbopt.rules.direction.scaled_adam_direction`. All scalars are host floats
+        from the segments' parameter groups; on CPU the sweep runs in cache blocks.
+        """
+        layout = plan.layout
+        groups = self._groups_by_index()
+        seg_group = [groups[g] for g in plan.seg_group]
+        b1 = [g["betas"][0] for g in seg_group]
+        b2 = [g["betas"][1] for g in seg_group]
+        corr = [bool(g.get("bias_correction", True)) for g in seg_group]
+        t = [g["step"] for g in seg_group]
+        on_cpu = bool(layout.tensors) and layout.tensors[0].device.type == "cpu"
+        work = layout.views([self.workspace(x, "adam") for x in layout.tensors])
+        k, sq = scaled_adam_direction(
+            grads,
+            layout.views([self.buffer(x, "exp_avg") for x in layout.tensors]),
+            layout.views([self.buffer(x, "exp_avg_sq") for x in layout.tensors]),
+            work,
+            b1,
+            b2,
+            [1 - a**n if c else 1.0 for a, n, c in zip(b1, t, corr)],
+            [1 - a**n if c else 1.0 for a, n, c in zip(b2, t, corr)],
+            [g[eps_key] for g in seg_group],
+            params,
+            self.seg_weight_decay(plan),
+            block=CPU_BLOCK if on_cpu else None,
+        )
+        return work, k, sq
 
     def workspace(self, tensor: torch.Tensor, slot: str = "work") -> torch.Tensor:
         """A work buffer shaped like ``tensor``; not optimizer state, never checkpointed.

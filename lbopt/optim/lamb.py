@@ -17,7 +17,7 @@ from lbopt.optim.base import (
 )
 from lbopt.rules.direction import descend
 from lbopt.rules.scale import trust_ratio
-from lbopt.stats import sq_norm
+from lbopt.stats import Quantity, sq_norm
 
 __all__ = ["LAMB"]
 
@@ -81,19 +81,22 @@ class LAMB(LayerwiseOptimizer):
         layout = plan.layout
         params = layout.views()
         grads = layout.views([t.grad for t in layout.tensors])
-        guard = plan.stats.sums([sq_norm(grads)])
+        # ‖w‖ does not change before the update, so it rides with the guard's ‖g‖.
+        guard = plan.stats.sums([sq_norm(grads), sq_norm(params)])
         present = guard[-1] > 0
-        if self.nonfinite(torch.where(present, guard[0], 0.0)):
+        if self.nonfinite(torch.where(present, guard[0], 0.0)):  # the step's one host sync
             return
         self._bump_step()
         dev = guard.device
-        u = self.adam_direction(plan, grads, "eps", params, plan.seg_values(self.layer_weight_decay(dev)))
-        norms = plan.stats.sums([sq_norm(params), sq_norm(u)], with_count=False).sqrt()
-        ratio = trust_ratio(norms[0], norms[1])
+        work, k, d_sq = self.scaled_adam_direction(plan, grads, "eps", params)
+        k_sq = torch.tensor(k, dtype=d_sq.dtype, device=d_sq.device).square()
+        u_sq = plan.stats.sums([Quantity((), values=d_sq * k_sq)], with_count=False)[0]
+        ratio = trust_ratio(guard[1].sqrt(), u_sq.sqrt())
         lo_hi = self.trust_clip()
         if lo_hi is not None:
             ratio = ratio.clamp(lo_hi[0], lo_hi[1])
         factors = torch.where(self.layer_mask("adapt", dev), ratio, torch.ones_like(ratio))
         lr_l = self.layer_hparam("lr", dev)
         self.record_layer_stats(present, lr=lr_l * factors, trust_ratio=factors)
-        descend(params, u, plan.seg_values(lr_l * factors))
+        # w ← w − η r_l k_i d_i with the rates kept on the device (no second sync).
+        descend(params, work, plan.seg_tensors(lr_l * factors, scale=k))
