@@ -1,11 +1,13 @@
 """Update directions: elementwise rules on lists of (segment) tensors.
 
 Per-segment scalars (step sizes, decays) are Python lists aligned with the tensor lists, so
-one segment of a flat ZeRO partition can be decayed and another not. Everything is in
-place: no model-sized temporaries on the common paths. On accelerators the batched
-``torch._foreach_*`` kernels are used; on CPU, where foreach is a loop anyway, per-tensor
-``add_(alpha=...)`` avoids the temporary a per-tensor scalar list would need. Both give
-the same numbers.
+one segment of a flat ZeRO partition can be decayed and another not. Results are written in
+place into the caller's tensors and buffers. Temporaries: where one scalar serves every
+segment (``_foreach_add_(alpha=)``, ``_foreach_mul_``) there are none; where scalars differ
+per segment, :func:`add_scaled_` on accelerators forms ``s_i · src_i`` in a temporary as
+large as ``src`` before adding it (one batched ``torch._foreach_*`` kernel instead of a
+launch per segment), while on CPU, where foreach is a loop anyway, per-tensor
+``add_(alpha=...)`` needs none. Both give the same numbers.
 """
 
 from __future__ import annotations
@@ -34,7 +36,12 @@ def blocks(tensor: torch.Tensor, size: int | None) -> list[torch.Tensor]:
 
 
 def add_scaled_(dst: Tensors, src: Tensors, scalars: Sequence[float]) -> None:
-    """``dst_i += s_i · src_i`` in place."""
+    """``dst_i += s_i · src_i`` in place.
+
+    Equal scalars: one ``_foreach_add_(alpha=)``, no temporary. Differing scalars: per-tensor
+    ``add_(alpha=)`` on CPU (no temporary); on accelerators ``_foreach_mul`` then
+    ``_foreach_add_``, which allocates a temporary the size of ``src``.
+    """
     if not dst:
         return
     first = scalars[0]
@@ -193,11 +200,11 @@ def scaled_adam_direction(
         for gb, mb, vb, db, wb in parts:
             _adam_block(gb, mb, vb, db, wb if decays else None, beta1[i], beta2[i],
                         eps[i] * bias_correction2[i] ** 0.5, c / beta if decays else 1.0)
-            norms.append(torch.linalg.vector_norm(db, dtype=torch.float32))
+            norms.append(torch.linalg.vector_norm(db, dtype=torch.promote_types(db.dtype, torch.float32)))
             owner.append(i)
     if not norms:
         return scales, torch.zeros(0, dtype=torch.float64)
-    per_block = torch.stack(norms).to(torch.float64).square()
+    per_block = torch.stack([n.to(torch.float64) for n in norms]).square()
     sq = torch.zeros(len(grads), dtype=torch.float64, device=per_block.device)
     sq.index_add_(0, torch.tensor(owner, device=per_block.device), per_block)
     return scales, sq
