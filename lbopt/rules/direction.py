@@ -16,7 +16,15 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["CPU_BLOCK", "adam_direction", "add_scaled_", "blocks", "descend", "momentum_update", "scaled_adam_direction"]
+__all__ = [
+    "CPU_BLOCK",
+    "adam_direction",
+    "add_scaled_",
+    "blocks",
+    "descend",
+    "momentum_update",
+    "scaled_adam_direction",
+]
 
 Tensors = list[torch.Tensor]
 Scalars = Sequence[float] | Sequence[torch.Tensor]
