@@ -34,6 +34,7 @@ __all__ = [
     "LayerwiseOptimizer",
     "NonFiniteGradientError",
     "StepPlan",
+    "StepStatistics",
     "check_clip",
     "check_range",
 ]
@@ -219,6 +220,28 @@ class StepPlan:
         if scale is not None:
             values = values * torch.tensor(list(scale), dtype=values.dtype, device=values.device)
         return list(values.unbind())
+
+
+@dataclass
+class StepStatistics:
+    """What phase 1 of a step (statistics) hands to phase 2 (update).
+
+    ``guard``: per-layer ``‖g_l‖²`` (0 for layers absent from the call), checked for
+    non-finite values before any state changes. ``to_host``: a 1-D tensor of values phase 2
+    needs as Python floats (e.g. per-layer rates), or None. ``values``: anything else
+    phase 2 uses, left on the device.
+    """
+
+    guard: torch.Tensor
+    to_host: torch.Tensor | None = None
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def crossing(self) -> torch.Tensor:
+        """``[1.0 if every ‖g_l‖² is finite else 0.0, *to_host]`` as one float64 tensor."""
+        flag = torch.isfinite(self.guard).all().to(torch.float64).reshape(1)
+        if self.to_host is None:
+            return flag
+        return torch.cat([flag, self.to_host.to(torch.float64).reshape(-1)])
 
 
 class LayerwiseOptimizer(Optimizer):
@@ -603,13 +626,43 @@ class LayerwiseOptimizer(Optimizer):
         self._closure = closure if closure is None or not ascend else _negating(closure, ascend)
         _negate_grads(ascend)
         try:
-            self._step(plan)
+            stats = self._statistics(plan)
+            if stats is None:
+                self._step(plan)
+        except BaseException:
+            self._end_step(ascend)
+            raise
+        if stats is None:
+            self._end_step(ascend)
+            return loss
+        # The step's one device→host crossing: the finiteness flag and any per-layer values.
+        # It sits in this frame, outside any try block, so that torch.compile breaks the
+        # graph here exactly once.
+        host = stats.crossing().tolist()
+        try:
+            if host[0] == 1.0 or not self.nonfinite(stats.guard):
+                self._update(plan, stats, host[1:])
         finally:
-            self._closure = None
-            _negate_grads(ascend)
+            self._end_step(ascend)
         return loss
 
+    def _end_step(self, ascend: list[torch.Tensor]) -> None:
+        self._closure = None
+        _negate_grads(ascend)
+
     def _step(self, plan: StepPlan) -> None:
+        raise NotImplementedError
+
+    def _statistics(self, plan: StepPlan) -> StepStatistics | None:
+        """Phase 1 of a two-phase step: every statistic, no state change, no host sync.
+
+        Subclasses that implement it (with :meth:`_update`) give ``step()`` exactly one
+        device→host transfer; returning None (the default) runs ``_step`` instead.
+        """
+        return None
+
+    def _update(self, plan: StepPlan, stats: StepStatistics, host: list[float]) -> None:
+        """Phase 2: change state and parameters; ``host`` is ``stats.to_host`` as Python floats."""
         raise NotImplementedError
 
     def _bump_step(self) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from lbopt.optim.base import ExcludeSpec, LayerGrouping, LayerwiseOptimizer, StepPlan
+from lbopt.optim.base import ExcludeSpec, LayerGrouping, LayerwiseOptimizer, StepPlan, StepStatistics
 from lbopt.rules.direction import descend
 from lbopt.rules.scale import trust_ratio
 from lbopt.stats import Quantity, sq_norm
@@ -75,21 +75,24 @@ class LAMB(LayerwiseOptimizer):
             maximize=maximize, foreach=foreach,
         )
 
-    def _step(self, plan: StepPlan) -> None:
+    def _statistics(self, plan: StepPlan) -> StepStatistics:
         layout = plan.layout
         params = layout.views()
         grads = layout.views([t.grad for t in layout.tensors])
         # ‖w‖ does not change before the update, so it rides with the guard's ‖g‖.
-        guard = plan.stats.sums([sq_norm(grads), sq_norm(params)])
-        present = guard[-1] > 0
-        if self.nonfinite(torch.where(present, guard[0], 0.0)):  # the step's one host sync
-            return
+        sums = plan.stats.sums([sq_norm(grads), sq_norm(params)])
+        present = sums[-1] > 0
+        guard = torch.where(present, sums[0], 0.0)
+        return StepStatistics(guard, values={"w_sq": sums[1], "present": present, "params": params, "grads": grads})
+
+    def _update(self, plan: StepPlan, stats: StepStatistics, host: list[float]) -> None:
+        params, grads, present = stats.values["params"], stats.values["grads"], stats.values["present"]
         self._bump_step()
-        dev = guard.device
+        dev = stats.guard.device
         work, k, d_sq = self.scaled_adam_direction(plan, grads, "eps", params)
         k_sq = torch.tensor(k, dtype=d_sq.dtype, device=d_sq.device).square()
         u_sq = plan.stats.sums([Quantity((), values=d_sq * k_sq)], with_count=False)[0]
-        ratio = trust_ratio(guard[1].sqrt(), u_sq.sqrt())
+        ratio = trust_ratio(stats.values["w_sq"].sqrt(), u_sq.sqrt())
         lo_hi = self.trust_clip()
         if lo_hi is not None:
             ratio = ratio.clamp(lo_hi[0], lo_hi[1])
