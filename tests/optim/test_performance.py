@@ -176,3 +176,69 @@ def test_compiled_step_breaks_the_graph_at_most_once(name: str) -> None:
     finally:
         torch._dynamo.reset()
     assert explained.graph_break_count <= 1, [str(b.reason)[:200] for b in explained.break_reasons]
+
+
+# ------------------------------------------------------------------ cache-blocked sweeps
+
+
+def _arrays(n: int, seed: int, count: int) -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(k, generator=g) for k in (n, 7, 3 * n + 5)] for _ in range(count)]
+
+
+def test_blocked_sweeps_equal_the_formulas() -> None:
+    from lbopt.rules.direction import scaled_adam_direction
+    from lbopt.rules.sweeps import heavy_ball_, secant_sq_norms
+
+    w, g, wp, hp = _arrays(100, 0, 4)
+    beta = [0.1, 0.0, 0.01]
+    dw, dh = [a - b for a, b in zip(w, wp)], [a + c * b - h for a, b, c, h in zip(g, w, beta, hp)]
+    want = [torch.stack([x.double().square().sum() for x in xs]) for xs in (w, g, dh, dw)]
+    for block in (None, 16):
+        got = secant_sq_norms(w, g, wp, [hp[0], None, hp[2]], beta, block=block)
+        for k in (0, 1):
+            torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=0)
+        for k in (2, 3):
+            torch.testing.assert_close(got[k][[0, 2]], want[k][[0, 2]], rtol=1e-6, atol=0)
+            assert got[k][1] == 0
+
+    results = {}
+    for block in (None, 16):
+        for nest in (False, True):
+            for hist in (False, True):
+                ws, vs = [x.clone() for x in w], [x.clone() * 0.1 for x in g]
+                h = ([x.clone() for x in wp], [x.clone() for x in hp]) if hist else None
+                heavy_ball_(ws, g, vs, [0.5, 0.2, 0.1], beta, [0.9] * 3, [nest] * 3, history=h, block=block)
+                results[block, nest, hist] = ws
+                d = [a + c * b for a, b, c in zip(g, w, beta)]
+                v = [0.9 * (x * 0.1) + a * y for x, y, a in zip(g, d, [0.5, 0.2, 0.1])]
+                ref = [x - (0.9 * y + a * z if nest else y) for x, y, z, a in zip(w, v, d, [0.5, 0.2, 0.1])]
+                for a, b in zip(ws, ref):
+                    torch.testing.assert_close(a, b)
+                if hist:
+                    for a, b in zip(h[1], d):
+                        torch.testing.assert_close(a, b)
+                    for a, b in zip(h[0], w):
+                        assert torch.equal(a, b)
+    for key in results:  # blocking changes nothing elementwise
+        if key[0] == 16:
+            for a, b in zip(results[key], results[(None, *key[1:])]):
+                assert torch.equal(a, b)
+
+    m, v = [x.abs() * 0.1 for x in g], [x.square() for x in g]
+    outs = {}
+    for block in (None, 16):
+        mm, vv, work = [x.clone() for x in m], [x.clone() for x in v], [torch.empty_like(x) for x in w]
+        k, sq = scaled_adam_direction(g, mm, vv, work, [0.9] * 3, [0.99] * 3, [0.5] * 3, [0.2] * 3, [1e-6] * 3,
+                                      w, beta, block=block)
+        u = [ki * d for ki, d in zip(k, work)]
+        m_new = [0.9 * a + 0.1 * b for a, b in zip(m, g)]
+        v_new = [0.99 * a + 0.01 * b * b for a, b in zip(v, g)]
+        ref = [(a / 0.5) / ((b / 0.2).sqrt() + 1e-6) + c * x for a, b, c, x in zip(m_new, v_new, beta, w)]
+        for a, b in zip(u, ref):
+            torch.testing.assert_close(a, b)
+        torch.testing.assert_close(sq * torch.tensor(k, dtype=torch.float64) ** 2,
+                                   torch.stack([x.double().square().sum() for x in ref]), rtol=1e-5, atol=0)
+        outs[block] = work
+    for a, b in zip(outs[None], outs[16]):
+        assert torch.equal(a, b)
