@@ -23,7 +23,7 @@ import torch
 
 from lbopt.rules.direction import blocks
 
-__all__ = ["BlockSums", "heavy_ball_", "secant_sq_norms"]
+__all__ = ["BlockSums", "heavy_ball_", "layer_sums", "projected_heavy_ball_", "secant_sq_norms"]
 
 Tensors = list[torch.Tensor]
 
@@ -36,6 +36,7 @@ class BlockSums:
         self._owner: list[int] = []
 
     def add(self, segment: int, x: torch.Tensor) -> None:
+        """``Σx²`` (taken as a norm, squared later in float64)."""
         self._norms.append(torch.linalg.vector_norm(x, dtype=torch.promote_types(x.dtype, torch.float32)))
         self._owner.append(segment)
 
@@ -45,6 +46,89 @@ class BlockSums:
             parts = torch.stack([n.to(torch.float64) for n in self._norms]).square()
             out.index_add_(0, torch.tensor(self._owner, device=parts.device), parts.to(device))
         return out
+
+
+class BlockDots(BlockSums):
+    """Per-segment ``Σxy`` gathered block by block."""
+
+    def add_dot(self, segment: int, x: torch.Tensor, y: torch.Tensor, exact: bool = False) -> None:
+        """``exact``: products and block sum in float64 (for sums that may cancel)."""
+        dtype = torch.float64 if exact else torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+        self._norms.append(torch.dot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)))
+        self._owner.append(segment)
+
+    def per_segment(self, num_segments: int, device: torch.device) -> torch.Tensor:
+        out = torch.zeros(num_segments, dtype=torch.float64, device=device)
+        if self._norms:
+            parts = torch.stack([n.to(torch.float64) for n in self._norms])
+            out.index_add_(0, torch.tensor(self._owner, device=parts.device), parts.to(device))
+        return out
+
+
+def layer_sums(
+    params: Tensors,
+    grads: Tensors,
+    weight_decays: Sequence[float],
+    buffers: Sequence[torch.Tensor | None] | None = None,
+    history: tuple[Sequence[torch.Tensor | None], Sequence[torch.Tensor | None]] | None = None,
+    with_decay_dots: bool = False,
+    block: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-segment sums for CBLR's step, in one read of every array (float64, per segment).
+
+    Always ``w2 = ‖w‖²``, ``g2 = ‖g‖²``. With momentum ``buffers`` (None where a segment has
+    none yet: its sums are 0): ``gm = ⟨g, m⟩``, ``mm = ‖m‖²`` and, ``with_decay_dots``,
+    ``gw = ⟨g, w⟩``, ``wm = ⟨w, m⟩``. With ``history = (w_prev, h_prev)`` (None where a
+    segment has none): ``dh2 = ‖Δh‖²``, ``dhdw = ⟨Δh, Δw⟩`` (products in float64),
+    ``dw2 = ‖Δw‖²``, with ``Δh = (g + βw) − h_prev``, ``Δw = w − w_prev``. Changes no
+    state; ``Δh``, ``Δw`` live in two block-sized scratch buffers.
+    """
+    device = params[0].device if params else torch.device("cpu")
+    sq = {k: BlockSums() for k in ("w2", "g2", "mm", "dh2", "dw2")}
+    dots = {k: BlockDots() for k in ("gm", "gw", "wm", "dhdw")}
+    scratch: list[torch.Tensor] = []
+    for i, (w, g) in enumerate(zip(params, grads)):
+        m = buffers[i] if buffers is not None else None
+        wp, hp = (history[0][i], history[1][i]) if history is not None else (None, None)
+        secant = wp is not None and hp is not None
+        arrays = [w, g] + ([m] if m is not None else []) + ([wp, hp] if secant else [])
+        for parts in zip(*(blocks(x, block) for x in arrays)):
+            wb, gb = parts[0], parts[1]
+            sq["w2"].add(i, wb)
+            sq["g2"].add(i, gb)
+            if m is not None:
+                mb = parts[2]
+                dots["gm"].add_dot(i, gb, mb)
+                sq["mm"].add(i, mb)
+                if with_decay_dots:
+                    dots["gw"].add_dot(i, gb, wb)
+                    dots["wm"].add_dot(i, wb, mb)
+            if secant:
+                pb, hb = parts[-2], parts[-1]
+                if not scratch or scratch[0].numel() < wb.numel() or scratch[0].dtype != wb.dtype:
+                    size = wb.numel() if block is None else max(block, wb.numel())
+                    scratch = [torch.empty(size, dtype=wb.dtype, device=wb.device) for _ in range(2)]
+                dh = scratch[0][: wb.numel()].view_as(wb)
+                dw = scratch[1][: wb.numel()].view_as(wb)
+                torch.add(gb, wb, alpha=weight_decays[i], out=dh)
+                dh.sub_(hb)
+                torch.sub(wb, pb, out=dw)
+                sq["dh2"].add(i, dh)
+                sq["dw2"].add(i, dw)
+                dots["dhdw"].add_dot(i, dh, dw, exact=True)
+        if block is None:
+            scratch = []  # off CPU: transient, the caching allocator lends it out again
+    n = len(params)
+    out = {k: acc.per_segment(n, device) for k, acc in {**sq, **dots}.items()}
+    if buffers is None:
+        for k in ("gm", "mm", "gw", "wm"):
+            del out[k]
+    elif not with_decay_dots:
+        del out["gw"], out["wm"]
+    if history is None:
+        for k in ("dh2", "dw2", "dhdw"):
+            del out[k]
+    return out
 
 
 def secant_sq_norms(
@@ -129,3 +213,46 @@ def heavy_ball_(
                 wb.mul_(1.0 - a * b).sub_(vb, alpha=mu).sub_(gb, alpha=a)
             else:
                 wb.sub_(vb)
+
+
+def projected_heavy_ball_(
+    params: Tensors,
+    grads: Tensors,
+    buffers: Tensors,
+    step_sizes: Sequence[float],
+    weight_decays: Sequence[float],
+    momentum: Sequence[float],
+    nesterov: Sequence[bool],
+    history: tuple[Tensors, Tensors] | None = None,
+    block: int | None = None,
+) -> None:
+    """CBLR's model step along momentum, one sweep (step size outside the buffer).
+
+    ``h = g + βw``; ``m ← μm + h``; ``w ← w − s m`` (Nesterov: ``w ← w − s(h + μm)``). With
+    ``history = (w_prev, h_prev)`` it first stores ``w_prev ← w``, ``h_prev ← h`` and uses
+    ``h_prev`` as ``h``. Same numbers as :func:`lbopt.rules.direction.projected_momentum_step`
+    up to the rounding of ``h``.
+    """
+    for i, (w, g, m) in enumerate(zip(params, grads, buffers)):
+        s, b, mu = step_sizes[i], weight_decays[i], momentum[i]
+        arrays = [w, g, m] + ([history[0][i], history[1][i]] if history is not None else [])
+        for parts in zip(*(blocks(x, block) for x in arrays)):
+            wb, gb, mb = parts[:3]
+            if history is not None:
+                pb, hb = parts[3:]
+                pb.copy_(wb)
+                torch.add(gb, wb, alpha=b, out=hb)
+                mb.mul_(mu).add_(hb)
+                if nesterov[i]:
+                    wb.sub_(hb, alpha=s).sub_(mb, alpha=s * mu)
+                else:
+                    wb.sub_(mb, alpha=s)
+                continue
+            mb.mul_(mu).add_(gb)
+            if b != 0.0:
+                mb.add_(wb, alpha=b)
+            if nesterov[i]:
+                # w − s(h + μm) = (1 − sβ)w − s g − sμ m, with the old w on the right
+                wb.mul_(1.0 - s * b).sub_(gb, alpha=s).sub_(mb, alpha=s * mu)
+            else:
+                wb.sub_(mb, alpha=s)

@@ -159,9 +159,7 @@ def test_memory_at_most_adamw_plus_one_parameter_copy(name: str, memory_per_para
 
 # ------------------------------------------------------------------ torch.compile
 
-COMPILE_CASES = {
-    "LAMB": lambda m: lbopt.LAMB(m.named_parameters(), lr=1e-3),
-}
+COMPILE_CASES = SYNC_CASES
 
 
 @pytest.mark.parametrize("name", sorted(COMPILE_CASES))
