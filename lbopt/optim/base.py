@@ -445,7 +445,7 @@ class LayerwiseOptimizer(Optimizer):
         key = tuple(id(t) for t in tensors)
         plan = self._plans.get(key)
         if plan is None:
-            layout = resolve_layout(self.table, tensors, self._original_index)
+            layout = resolve_layout(self.table, tensors, self._original_index, getattr(self, "layout_resolver", None))
             seg_layer = [s.layer for s in layout.segments]
             plan = StepPlan(
                 layout=layout, stats=LayerStats(layout), seg_layer=seg_layer,
