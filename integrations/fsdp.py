@@ -13,11 +13,11 @@
   to the optimizer (``optimizer.layout_resolver``). Nothing is patched and nothing global
   is registered. With ``use_orig_params=False`` the optimizer would hold FlatParameters
   that mix layers: lbopt refuses them with a message naming the fix.
-- **ZeroRedundancyOptimizer** steps each rank's own subset of whole parameters. Per-tensor
-  statistics (LARS, LAMB, CBLR, AdaGrad with ``layer_grouping="tensor"``) are then exact;
-  statistics that span layers (MCLR's median, AdaGradNorm's global norm, AdAdaGrad*'s
-  batch tests, module-grouped layers) would see a subset: :func:`check_zero_redundancy`
-  refuses them with a clear error.
+- **ZeroRedundancyOptimizer** steps each rank's own subset of whole parameters. LARS, LAMB
+  and AdaGrad (``layer_grouping="tensor"``) read only their own layer and are exact;
+  everything that combines layers (MCLR's median, CBLR's model step, AdaGradNorm's global
+  norm, AdAdaGrad*'s batch tests, module-grouped layers) would see a subset:
+  :func:`check_zero_redundancy` refuses them when ZeroRedundancyOptimizer builds them.
 
 **Checkpoints.** ``optimizer.state_dict()`` holds everything (per-rank, DTensor state under
 FSDP2). ``torch.distributed.checkpoint``'s ``get_state_dict`` / ``set_state_dict`` (what
@@ -218,23 +218,35 @@ def _check_records(table: LayerTable, layouts: FSDP1Layouts) -> None:
             )
 
 
+def _zero_redundancy_exact() -> tuple[type, ...]:
+    """Optimizers whose update of a layer depends on that layer's tensors only (verified vs dense)."""
+    from lbopt.optim import LAMB, LARS, AdaGrad
+
+    return (LARS, LAMB, AdaGrad)
+
+
 def check_zero_redundancy(optimizer: Any) -> None:
     """Refuse an lbopt optimizer whose statistics span layers inside torch's ``ZeroRedundancyOptimizer``.
 
     ``ZeroRedundancyOptimizer(params, optimizer_class=lbopt.X)`` builds one ``X`` per rank on
-    that rank's share of whole parameters. Per-layer statistics of whole tensors are then
-    exact; cross-layer ones are not. Called with the ZeroRedundancyOptimizer (or its local
-    optimizer); raises ``UnsupportedShardingError`` naming the alternatives.
+    that rank's share of whole parameters. An update that reads only its own layer is then
+    exact (LARS, LAMB, AdaGrad with ``layer_grouping="tensor"``: tested against the dense
+    run); anything that combines layers would see a subset: MCLR's median, AdaGradNorm's
+    global norm, AdAdaGrad's batch tests, module-grouped layers, and CBLR, whose model step
+    couples layers (two CBLRs on the halves of a model end 5e-3 away from one CBLR on all
+    of it). Called with the ZeroRedundancyOptimizer (or its local optimizer); raises
+    ``UnsupportedShardingError`` naming the alternatives.
     """
     local = getattr(optimizer, "optim", optimizer)
-    spans = bool(getattr(local, "needs_all_groups", False)) or getattr(local, "_layer_grouping", "tensor") != "tensor"
-    if spans:
+    exact = type(local) in _zero_redundancy_exact() and getattr(local, "_layer_grouping", "tensor") == "tensor"
+    if not exact:
         raise UnsupportedShardingError(
             f"lbopt: {type(local).__name__} under torch's ZeroRedundancyOptimizer would be silently wrong: each "
             "rank steps only its own parameters, so statistics that span layers (MCLR's median curvature, "
-            "AdaGradNorm's global norm, AdAdaGrad's batch-size test, module-grouped layers) would see a subset. "
-            "Use DDP with the optimizer itself, FSDP2 (fully_shard) or DeepSpeed ZeRO-1, where lbopt computes "
-            "them exactly; per-tensor methods (LARS, LAMB, CBLR, AdaGrad) are exact under ZeroRedundancyOptimizer."
+            "CBLR's model step, AdaGradNorm's global norm, AdAdaGrad's batch-size test, module-grouped layers) "
+            "would see a subset. Use DDP with the optimizer itself, FSDP2 (fully_shard) or DeepSpeed ZeRO-1, "
+            "where lbopt computes them exactly; LARS, LAMB and AdaGrad (per-tensor layers) are exact under "
+            "ZeroRedundancyOptimizer."
         )
 
 

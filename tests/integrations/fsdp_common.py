@@ -22,11 +22,11 @@ STEPS = 12
 OPTIMIZERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "LARS": ("LARS", {"lr": 0.5, "momentum": 0.9, "weight_decay": 1e-3, "trust_coefficient": 0.02}, "tensor"),
     "LAMB": ("LAMB", {"lr": 0.02, "weight_decay": 0.01}, "tensor"),
-    "CBLR": ("CBLR", {"lr": 0.5, "momentum": 0.9, "weight_decay": 1e-3, "trust_coefficient": 0.02}, "tensor"),
+    # CBLR/MCLR with their default model step (κ = 1): 6% of the weights' norm in 12 steps
+    "CBLR": ("CBLR", {"lr": 1.0, "momentum": 0.9, "weight_decay": 1e-3}, "tensor"),
     # weight and bias of each Linear form one layer: the bias' shard joins the matrix's sums
-    "CBLR-module": ("CBLR", {"lr": 0.5, "momentum": 0.9, "weight_decay": 1e-3, "trust_coefficient": 0.02,
-                             "exclude": False}, "module"),
-    "MCLR": ("MCLR", {"lr": 0.5, "momentum": 0.9, "weight_decay": 1e-3, "trust_coefficient": 0.02}, "tensor"),
+    "CBLR-module": ("CBLR", {"lr": 1.0, "momentum": 0.9, "weight_decay": 1e-3, "exclude": False}, "module"),
+    "MCLR": ("MCLR", {"lr": 1.0, "momentum": 0.9, "weight_decay": 1e-3}, "tensor"),
     "AdaGrad": ("AdaGrad", {"lr": 0.05, "weight_decay": 1e-3}, "tensor"),
     "AdaGradNorm": ("AdaGradNorm", {"lr": 0.5, "weight_decay": 1e-3}, "tensor"),
     "AdAdaGrad": ("AdAdaGrad", {"lr": 0.05, "weight_decay": 1e-3, "batch_controller": False}, "tensor"),
@@ -87,6 +87,10 @@ def dense_run(name: str, steps: int = STEPS) -> torch.Tensor:
         loss_fn(model, x, y).backward()
         opt.step()
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def initial_params() -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in make_model().parameters()])
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:

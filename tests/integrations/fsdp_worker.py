@@ -84,6 +84,9 @@ def build(name: str, run: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         if name != C.NAIVE:
             bind_fsdp1(opt, model)
         return model, opt
+    if run == "ddp":
+        model = shard(model, "ddp")
+        return model, C.build_optimizer(name, model.module)
     if run == "fsdp2-swap":  # Accelerate's route: optimizer on the full model, then entries swapped for DTensors
         opt = C.build_optimizer(name, model)
         model = shard(model, "fsdp2")

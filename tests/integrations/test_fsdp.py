@@ -64,6 +64,8 @@ def err(values: list[float], name: str) -> float:
 def check_run(res: dict, label: str, sharded: bool) -> None:
     """Every lbopt optimizer within TOL of dense with one all-reduce per round; the control fails."""
     names = [n for n in res if n != C.NAIVE]
+    moved = {n: C.rel_l2(dense(n), C.initial_params()) for n in names}
+    assert all(m > 1e-2 for m in moved.values()), f"every optimizer must move the weights: {moved}"
     errors = {n: err(res[n]["params"], n) for n in names}
     assert all(e <= TOL for e in errors.values()), f"{label}: relative L2 vs dense {errors}"
     comms = {n: set(res[n]["comms"]) for n in names}
@@ -150,12 +152,16 @@ def test_fsdp1_flat_parameters_are_refused_with_the_fix(world2: dict) -> None:
 
 
 def test_zero_redundancy_exact_or_refused(world2: dict) -> None:
-    """Per-tensor methods are exact under ZeroRedundancyOptimizer; cross-layer ones are refused."""
+    """Per-tensor methods are exact under ZeroRedundancyOptimizer; cross-layer ones are refused.
+
+    (CBLR's model step couples layers: run under ZeroRedundancyOptimizer it ended 1.2e-2 from
+    dense, so it is refused.)
+    """
     res = world2["zero"]
     exact = [n for n, r in res.items() if "params" in r]
     refused = [n for n, r in res.items() if "error" in r]
-    assert sorted(exact) == ["AdaGrad", "CBLR", "LAMB", "LARS"]
-    assert sorted(refused) == ["AdAdaGrad", "AdAdaGradNorm", "AdaGradNorm", "MCLR"]
+    assert sorted(exact) == ["AdaGrad", "LAMB", "LARS"]
+    assert sorted(refused) == ["AdAdaGrad", "AdAdaGradNorm", "AdaGradNorm", "CBLR", "MCLR"]
     for n in exact:
         assert err(res[n]["params"], n) <= TOL, n
     for n in refused:
