@@ -36,6 +36,8 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any], str]] = {
 # moments change, then reduces the trust-ratio norms; every other optimizer needs one.
 ALL_REDUCES = {name: 2 if name == "LAMB" else 1 for name in OPTIMIZERS}
 NAIVE = "ShardLocalLAMB"
+# resumed from a checkpoint in the tests: Adam moments, momentum + curvature EMAs, the median, b²
+RESUMED = ("LAMB", "CBLR", "MCLR", "AdaGradNorm")
 
 
 def make_model() -> torch.nn.Module:

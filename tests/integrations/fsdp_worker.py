@@ -226,7 +226,7 @@ def main() -> None:
                 results[run][name] = {"error": f"{type(exc).__name__}: {exc}"}
                 continue
             results[run][name] = {"params": full_params(model, run), "comms": comms}
-            if args.resume_at and run == "fsdp2" and name != C.NAIVE:
+            if args.resume_at and run == "fsdp2" and name in C.RESUMED:
                 results[run][name]["resumed"] = resumed(name, run, args.resume_at, args.ckpt)
                 results[run][name]["resumed_dcp"] = resumed_dcp(name, run, args.resume_at, args.ckpt, True)
                 if name == "CBLR":  # the control: DCP alone loses the curvature EMA
