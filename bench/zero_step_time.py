@@ -35,6 +35,7 @@ from lbopt.integrations import deepspeed as adapter
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import lbopt
+from lbopt.optim.memory import persistent_bytes
 
 OPTIMIZERS = {
     "AdamW": lambda groups: torch.optim.AdamW(groups, lr=1e-4, foreach=True),
@@ -116,6 +117,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(rank)
     batches = [torch.randint(0, 16000, (args.micro_batch, args.seq), generator=g) for _ in range(4)]
     times: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    per_round: dict[str, list[list[float]]] = defaultdict(list)  # optimizer step() seconds, per round
     comm: dict[str, dict[str, int]] = {}
 
     def one_step(name: str, i: int, record: bool) -> None:
@@ -137,30 +139,50 @@ def main() -> None:
     for name in engines:
         for i in range(args.warmup):
             one_step(name, i, record=False)
+    load_before = os.getloadavg()
     for r in range(args.rounds):
         order = list(engines) if r % 2 == 0 else list(reversed(engines))
         for name in order:
             for i in range(args.steps):
                 one_step(name, i, record=True)
+            per_round[name].append(times[name]["opt"][-args.steps:])
+    load_after = os.getloadavg()
+    memory = {}
+    for name, engine in engines.items():
+        opt = engine.basic_optimizer
+        local = sum(p.numel() * p.element_size() for g in opt.param_groups for p in g["params"])
+        memory[name] = persistent_bytes(opt) / local
+    ratios = {
+        name: [statistics.median(r) / statistics.median(a) for r, a in zip(rounds, per_round["AdamW"])]
+        for name, rounds in per_round.items()
+    }
 
     med = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in times.items()}
     if rank == 0:
         print(f"\nZeRO-2, {world} CPU ranks (gloo), GPT-2 {n_params / 1e6:.1f}M params, {table.num_layers} layers, "
               f"micro-batch {args.micro_batch}x{args.seq}, {args.rounds}x{args.steps} timed steps each")
         print(f"{'optimizer':10s} {'opt ms':>9s} {'ratio':>6s} {'engine.step ms':>15s} {'ratio':>6s} "
-              f"{'train ms':>9s} {'ratio':>6s} {'allreduces':>10s} {'extra bytes':>12s}")
+              f"{'train ms':>9s} {'ratio':>6s} {'allreduces':>10s} {'extra bytes':>12s} {'opt ratio/round':>16s} "
+              f"{'mem/param':>9s}")
         base = med["AdamW"]
         for name, m in med.items():
             c = comm[name]
             print(f"{name:10s} {m['opt'] * 1e3:9.1f} {m['opt'] / base['opt']:6.2f} {m['engine.step'] * 1e3:15.1f} "
                   f"{m['engine.step'] / base['engine.step']:6.2f} {m['train'] * 1e3:9.1f} "
-                  f"{m['train'] / base['train']:6.2f} {c['all_reduces']:10d} {c['bytes']:12d}")
+                  f"{m['train'] / base['train']:6.2f} {c['all_reduces']:10d} {c['bytes']:12d} "
+                  f"{statistics.median(ratios[name]):5.2f} ({min(ratios[name]):.2f}-{max(ratios[name]):.2f}) "
+                  f"{memory[name]:8.2f}x")
         print(f"(stats all-reduce: num_stats x num_layers({table.num_layers}) x 8 bytes per call; "
               f"optimizer step() calls per engine step: {comm['LAMB']['opt_calls']} (one per parameter group))")
+        print("opt ratio/round: median (min-max) over rounds of the per-round median vs AdamW's; mem/param: "
+              "persistent optimizer memory per byte of this rank's fp32 partition")
+        print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} on {os.cpu_count()} CPUs")
         if args.out:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
             result = {"world": world, "params": n_params, "layers": table.num_layers, "median_s": med, "comm": comm,
+                      "opt_ratio_per_round": ratios, "mem_per_param_byte": memory,
+                      "loadavg_before": load_before, "loadavg_after": load_after,
                       "torch": torch.__version__, "deepspeed": deepspeed.__version__}
             (out / "zero_step_time.json").write_text(json.dumps(result, indent=2))
     dist.barrier()

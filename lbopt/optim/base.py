@@ -14,16 +14,17 @@ import inspect
 import math
 import pickle
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch.optim import Optimizer
 
-from lbopt.layout import LayerTable, Layout, ParamRecord, resolve_layout
-from lbopt.rules.direction import adam_direction
+from lbopt.layout import LayerTable, Layout, LayoutResolver, ParamRecord, replaced_parameters, resolve_layout
+from lbopt.rules.direction import CPU_BLOCK, adam_direction, scaled_adam_direction
 from lbopt.stats import LayerStats
 from lbopt.validation import check_choice, check_clip, check_range
 
@@ -34,6 +35,7 @@ __all__ = [
     "LayerwiseOptimizer",
     "NonFiniteGradientError",
     "StepPlan",
+    "StepStatistics",
     "check_clip",
     "check_range",
 ]
@@ -184,16 +186,71 @@ def _describe_grouping(grouping: LayerGrouping) -> str:
     return grouping if isinstance(grouping, str) else f"callable {_callable_name(grouping)}"
 
 
+def _built_by_zero_redundancy(depth: int = 8) -> bool:
+    """True when torch's ZeroRedundancyOptimizer is constructing this optimizer for its rank's share."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        owner = frame.f_locals.get("self")
+        if type(owner).__module__ == "torch.distributed.optim.zero_redundancy_optimizer":
+            return True
+        frame = frame.f_back
+    return False
+
+
 @dataclass
 class StepPlan:
-    """Everything one ``step()`` call needs about its local tensors, cached per tensor set."""
+    """Everything one ``step()`` call needs about its local tensors, cached per tensor set.
+
+    ``seg_group[i]`` / ``seg_layer[i]``: parameter group index and layer of segment ``i``
+    (host lists, so per-group constants never visit the device).
+    """
 
     layout: Layout
     stats: LayerStats
+    seg_group: list[int] = field(default_factory=list)
+    seg_layer: list[int] = field(default_factory=list)
+
+    def _seg_index(self, device: torch.device) -> torch.Tensor:
+        index = self.stats._seg_layer  # already on the statistics device
+        return index if index.device == device else self.layout.seg_layer.to(device)
 
     def seg_values(self, per_layer: torch.Tensor) -> list[float]:
-        """Per-segment Python floats from a per-layer tensor."""
-        return per_layer[self.layout.seg_layer.to(per_layer.device)].tolist()
+        """Per-segment Python floats from a per-layer tensor: one device→host copy (a sync)."""
+        return per_layer[self._seg_index(per_layer.device)].tolist()
+
+    def seg_tensors(self, per_layer: torch.Tensor, scale: Sequence[float] | None = None) -> list[torch.Tensor]:
+        """Per-segment 0-dim tensors from a per-layer tensor (times ``scale[i]``), on its device.
+
+        No host sync: the values stay where they were computed (see :func:`lbopt.rules.direction.descend`).
+        """
+        values = per_layer[self._seg_index(per_layer.device)]
+        if scale is not None:
+            values = values * torch.tensor(list(scale), dtype=values.dtype, device=values.device)
+        return list(values.unbind())
+
+
+@dataclass
+class StepStatistics:
+    """What phase 1 of a step (statistics) hands to phase 2 (update).
+
+    ``guard``: per-layer ``‖g_l‖²`` (0 for layers absent from the call), checked for
+    non-finite values before any state changes. ``to_host``: a 1-D tensor of values phase 2
+    needs as Python floats (e.g. per-layer rates), or None. ``values``: anything else
+    phase 2 uses, left on the device.
+    """
+
+    guard: torch.Tensor
+    to_host: torch.Tensor | None = None
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def crossing(self) -> torch.Tensor:
+        """``[1.0 if every ‖g_l‖² is finite else 0.0, *to_host]`` as one float64 tensor."""
+        flag = torch.isfinite(self.guard).all().to(torch.float64).reshape(1)
+        if self.to_host is None:
+            return flag
+        return torch.cat([flag, self.to_host.to(torch.float64).reshape(-1)])
 
 
 class LayerwiseOptimizer(Optimizer):
@@ -248,12 +305,18 @@ class LayerwiseOptimizer(Optimizer):
         self.skipped_steps = 0
         self.layer_state: dict[str, torch.Tensor] = {}
         self._plans: dict[tuple[int, ...], StepPlan] = {}
+        # set by an engine adapter that knows this optimizer's partitions (lbopt.integrations.fsdp)
+        self.layout_resolver: LayoutResolver | None = None
         self._last: dict[str, torch.Tensor] = {}
         self._workspaces: dict[tuple[int, str], torch.Tensor] = {}
         self._closure: Callable[[], Any] | None = None
         defaults = {**defaults, "maximize": maximize, "foreach": foreach}
         super().__init__(_as_groups(params), defaults)
         self._build_layer_table()
+        if _built_by_zero_redundancy():
+            from lbopt.integrations.fsdp import check_zero_redundancy
+
+            check_zero_redundancy(self)
 
     # ------------------------------------------------------------------ configuration
     def _config(self) -> dict[str, Any]:
@@ -400,21 +463,54 @@ class LayerwiseOptimizer(Optimizer):
         key = tuple(id(t) for t in tensors)
         plan = self._plans.get(key)
         if plan is None:
-            layout = resolve_layout(self.table, tensors, self._original_index, getattr(self, "layout_resolver", None))
-            plan = StepPlan(layout=layout, stats=LayerStats(layout))
+            self._adopt_replaced_parameters()
+            layout = resolve_layout(
+                self.table, tensors, self._original_index, resolver=getattr(self, "layout_resolver", None)
+            )
+            seg_layer = [s.layer for s in layout.segments]
+            plan = StepPlan(
+                layout=layout, stats=LayerStats(layout), seg_layer=seg_layer,
+                seg_group=[self.table.group[layer] for layer in seg_layer],
+            )
             if len(self._plans) > 64:
                 self._plans.clear()
             self._plans[key] = plan
         return plan
 
+    def _adopt_replaced_parameters(self) -> None:
+        """Follow an engine that swapped the parameters for their shards (Accelerate + FSDP2)."""
+        current = replaced_parameters(self.table, [list(g["params"]) for g in self.param_groups])
+        if current is not None:
+            self.table.originals = current  # type: ignore[attr-defined]
+            self._original_index = {id(p): r.index for p, r in zip(current, self.table.params)}
+
     def _groups_by_index(self) -> dict[int, dict[str, Any]]:
         return {g[_GROUP_INDEX]: g for g in self.param_groups}
 
     def layer_hparam(self, key: str, device: torch.device, default: float = 0.0) -> torch.Tensor:
-        """Per-layer value of group hyperparameter ``key`` (``default`` for layers not in this call)."""
+        """Per-layer value of group hyperparameter ``key`` (``default`` for layers not in this call).
+
+        Built on the host from the group dicts and copied to ``device`` (host→device only:
+        no sync); the tensor is cached while the values do not change.
+        """
         groups = self._groups_by_index()
-        vals = [float(groups[g][key]) if g in groups else default for g in self.table.group]
-        return torch.tensor(vals, dtype=torch.float64, device=device)
+        vals = tuple(float(groups[g][key]) if g in groups else default for g in self.table.group)
+        cache = self.__dict__.setdefault("_hparam_cache", {})
+        hit = cache.get((key, device))
+        if hit is None or hit[0] != vals:
+            hit = (vals, torch.tensor(vals, dtype=torch.float64, device=device))
+            cache[(key, device)] = hit
+        return hit[1]
+
+    def seg_hparam(self, plan: StepPlan, key: str) -> list[float]:
+        """Per-segment value of group hyperparameter ``key``, on the host (no device round trip)."""
+        groups = self._groups_by_index()
+        return [float(groups[g][key]) for g in plan.seg_group]
+
+    def seg_weight_decay(self, plan: StepPlan) -> list[float]:
+        """Per-segment β actually applied (0 on excluded layers), on the host."""
+        adapt = self.table.adapt
+        return [b if adapt[layer] else 0.0 for b, layer in zip(self.seg_hparam(plan, "weight_decay"), plan.seg_layer)]
 
     def layer_weight_decay(self, device: torch.device) -> torch.Tensor:
         """Per-layer β actually applied: the group's ``weight_decay`` on adapted layers, 0 on
@@ -483,6 +579,40 @@ class LayerwiseOptimizer(Optimizer):
             weight_decays,
         )
 
+    def scaled_adam_direction(
+        self, plan: StepPlan, grads: list[torch.Tensor], eps_key: str, params: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[float], torch.Tensor]:
+        """Update the Adam moments; return ``(d, k, ‖d‖²)`` with ``u = k·d = m̂/(√v̂+ε) + βw`` per segment.
+
+        ``d`` lives in the one work buffer (slot ``"adam"``); see
+        :func:`lbopt.rules.direction.scaled_adam_direction`. All scalars are host floats
+        from the segments' parameter groups; on CPU the sweep runs in cache blocks.
+        """
+        layout = plan.layout
+        groups = self._groups_by_index()
+        seg_group = [groups[g] for g in plan.seg_group]
+        b1 = [g["betas"][0] for g in seg_group]
+        b2 = [g["betas"][1] for g in seg_group]
+        corr = [bool(g.get("bias_correction", True)) for g in seg_group]
+        t = [g["step"] for g in seg_group]
+        on_cpu = bool(layout.tensors) and layout.tensors[0].device.type == "cpu"
+        work = layout.views([self.workspace(x, "adam") for x in layout.tensors])
+        k, sq = scaled_adam_direction(
+            grads,
+            layout.views([self.buffer(x, "exp_avg") for x in layout.tensors]),
+            layout.views([self.buffer(x, "exp_avg_sq") for x in layout.tensors]),
+            work,
+            b1,
+            b2,
+            [1 - a**n if c else 1.0 for a, n, c in zip(b1, t, corr)],
+            [1 - a**n if c else 1.0 for a, n, c in zip(b2, t, corr)],
+            [g[eps_key] for g in seg_group],
+            params,
+            self.seg_weight_decay(plan),
+            block=CPU_BLOCK if on_cpu else None,
+        )
+        return work, k, sq
+
     def workspace(self, tensor: torch.Tensor, slot: str = "work") -> torch.Tensor:
         """A work buffer shaped like ``tensor``; not optimizer state, never checkpointed.
 
@@ -524,13 +654,43 @@ class LayerwiseOptimizer(Optimizer):
         self._closure = closure if closure is None or not ascend else _negating(closure, ascend)
         _negate_grads(ascend)
         try:
-            self._step(plan)
+            stats = self._statistics(plan)
+            if stats is None:
+                self._step(plan)
+        except BaseException:
+            self._end_step(ascend)
+            raise
+        if stats is None:
+            self._end_step(ascend)
+            return loss
+        # The step's one device→host crossing: the finiteness flag and any per-layer values.
+        # It sits in this frame, outside any try block, so that torch.compile breaks the
+        # graph here exactly once.
+        host = stats.crossing().tolist()
+        try:
+            if host[0] == 1.0 or not self.nonfinite(stats.guard):
+                self._update(plan, stats, host[1:])
         finally:
-            self._closure = None
-            _negate_grads(ascend)
+            self._end_step(ascend)
         return loss
 
+    def _end_step(self, ascend: list[torch.Tensor]) -> None:
+        self._closure = None
+        _negate_grads(ascend)
+
     def _step(self, plan: StepPlan) -> None:
+        raise NotImplementedError
+
+    def _statistics(self, plan: StepPlan) -> StepStatistics | None:
+        """Phase 1 of a two-phase step: every statistic, no state change, no host sync.
+
+        Subclasses that implement it (with :meth:`_update`) give ``step()`` exactly one
+        device→host transfer; returning None (the default) runs ``_step`` instead.
+        """
+        return None
+
+    def _update(self, plan: StepPlan, stats: StepStatistics, host: list[float]) -> None:
+        """Phase 2: change state and parameters; ``host`` is ``stats.to_host`` as Python floats."""
         raise NotImplementedError
 
     def _bump_step(self) -> None:

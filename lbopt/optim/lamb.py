@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from lbopt.optim.base import ExcludeSpec, LayerGrouping, LayerwiseOptimizer, StepPlan
+from lbopt.optim.base import ExcludeSpec, LayerGrouping, LayerwiseOptimizer, StepPlan, StepStatistics
 from lbopt.rules.direction import descend
 from lbopt.rules.scale import trust_ratio
-from lbopt.stats import sq_norm
+from lbopt.stats import Quantity, sq_norm
 from lbopt.validation import check_betas, check_clip, check_range
 
 __all__ = ["LAMB"]
@@ -75,23 +75,29 @@ class LAMB(LayerwiseOptimizer):
             maximize=maximize, foreach=foreach,
         )
 
-    def _step(self, plan: StepPlan) -> None:
+    def _statistics(self, plan: StepPlan) -> StepStatistics:
         layout = plan.layout
         params = layout.views()
         grads = layout.views([t.grad for t in layout.tensors])
-        guard = plan.stats.sums([sq_norm(grads)])
-        present = guard[-1] > 0
-        if self.nonfinite(torch.where(present, guard[0], 0.0)):
-            return
+        # ‖w‖ does not change before the update, so it rides with the guard's ‖g‖.
+        sums = plan.stats.sums([sq_norm(grads), sq_norm(params)])
+        present = sums[-1] > 0
+        guard = torch.where(present, sums[0], 0.0)
+        return StepStatistics(guard, values={"w_sq": sums[1], "present": present, "params": params, "grads": grads})
+
+    def _update(self, plan: StepPlan, stats: StepStatistics, host: list[float]) -> None:
+        params, grads, present = stats.values["params"], stats.values["grads"], stats.values["present"]
         self._bump_step()
-        dev = guard.device
-        u = self.adam_direction(plan, grads, "eps", params, plan.seg_values(self.layer_weight_decay(dev)))
-        norms = plan.stats.sums([sq_norm(params), sq_norm(u)], with_count=False).sqrt()
-        ratio = trust_ratio(norms[0], norms[1])
+        dev = stats.guard.device
+        work, k, d_sq = self.scaled_adam_direction(plan, grads, "eps", params)
+        k_sq = torch.tensor(k, dtype=d_sq.dtype, device=d_sq.device).square()
+        u_sq = plan.stats.sums([Quantity((), values=d_sq * k_sq)], with_count=False)[0]
+        ratio = trust_ratio(stats.values["w_sq"].sqrt(), u_sq.sqrt())
         lo_hi = self.trust_clip()
         if lo_hi is not None:
             ratio = ratio.clamp(lo_hi[0], lo_hi[1])
         factors = torch.where(self.layer_mask("adapt", dev), ratio, torch.ones_like(ratio))
         lr_l = self.layer_hparam("lr", dev)
         self.record_layer_stats(present, lr=lr_l * factors, trust_ratio=factors)
-        descend(params, u, plan.seg_values(lr_l * factors))
+        # w ← w − η r_l k_i d_i with the rates kept on the device (no second sync).
+        descend(params, work, plan.seg_tensors(lr_l * factors, scale=k))

@@ -16,9 +16,32 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["adam_direction", "add_scaled_", "descend", "momentum_update", "projected_momentum_step"]
+__all__ = [
+    "CPU_BLOCK",
+    "adam_direction",
+    "add_scaled_",
+    "blocks",
+    "descend",
+    "momentum_update",
+    "projected_momentum_step",
+    "scaled_adam_direction",
+]
 
 Tensors = list[torch.Tensor]
+Scalars = Sequence[float] | Sequence[torch.Tensor]
+
+# Elements per cache block on CPU: the five fp32 arrays one Adam block touches (g, w, m, v and
+# the work buffer) take 5 x 1 MiB, so a block stays in the L3 cache between the
+# chained elementwise ops, and DRAM sees each array once per sweep.
+CPU_BLOCK = 1 << 18
+
+
+def blocks(tensor: torch.Tensor, size: int | None) -> list[torch.Tensor]:
+    """Consecutive flat views of at most ``size`` elements (``[tensor]`` when ``size`` is None)."""
+    if size is None or tensor.numel() <= size or not tensor.is_contiguous():
+        return [tensor]
+    flat = tensor.view(-1)
+    return [flat[i : i + size] for i in range(0, flat.numel(), size)]
 
 
 def add_scaled_(dst: Tensors, src: Tensors, scalars: Sequence[float]) -> None:
@@ -123,9 +146,77 @@ def adam_direction(
     return update
 
 
-def descend(params: Tensors, updates: Tensors, step_sizes: Sequence[float]) -> None:
-    """``w ← w − α u`` per segment."""
-    add_scaled_(params, updates, [-a for a in step_sizes])
+def descend(params: Tensors, updates: Tensors, step_sizes: Scalars) -> None:
+    """``w ← w − α u`` per segment.
+
+    ``step_sizes`` are Python floats, or 0-dim tensors on the parameters' device: then the
+    rates never cross to the host (``addcmul_`` broadcasts the scalar tensor, one sweep).
+    """
+    if step_sizes and isinstance(step_sizes[0], torch.Tensor):
+        for p, u, a in zip(params, updates, step_sizes):
+            p.addcmul_(u, a, value=-1.0)
+        return
+    add_scaled_(params, updates, [-a for a in step_sizes])  # type: ignore[operator]
+
+
+def _adam_block(
+    g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, d: torch.Tensor, w: torch.Tensor | None,
+    beta1: float, beta2: float, eps: float, ratio: float,
+) -> None:
+    """One block: moments in place, then ``d = √v + eps`` → ``d = w + ratio·m/d`` (or ``m/d``)."""
+    m.lerp_(g, 1.0 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    torch.sqrt(v, out=d)
+    d.add_(eps)
+    if w is None:
+        torch.div(m, d, out=d)
+    else:
+        torch.addcdiv(w, m, d, value=ratio, out=d)
+
+
+def scaled_adam_direction(
+    grads: Tensors,
+    exp_avg: Tensors,
+    exp_avg_sq: Tensors,
+    work: Tensors,
+    beta1: Sequence[float],
+    beta2: Sequence[float],
+    bias_correction1: Sequence[float],
+    bias_correction2: Sequence[float],
+    eps: Sequence[float],
+    params: Tensors,
+    weight_decays: Sequence[float],
+    block: int | None = None,
+) -> tuple[list[float], torch.Tensor]:
+    """Adam moments in place and the direction ``u = m̂/(√v̂+ε) + βw``, stored scaled.
+
+    Writes ``d_i`` into ``work[i]`` with ``u_i = k_i·d_i`` and returns ``(k, ‖d_i‖²)`` (the
+    squared norms per segment, float64). With ``c = √(1−β₂ᵗ)/(1−β₁ᵗ)``,
+    ``m̂/(√v̂+ε) = c·m/(√v + ε√(1−β₂ᵗ))``, so ``d = w + (c/β)·m/(√v + ε')`` and ``k = β``
+    where the segment decays (``k = c``, ``d = m/(√v + ε')`` where it does not): the whole
+    direction is four in-place kernels over one work buffer. With ``block`` (CPU) every
+    segment is processed in cache-sized blocks, so each array crosses the memory bus once.
+    """
+    scales: list[float] = []
+    norms: list[torch.Tensor] = []
+    owner: list[int] = []
+    for i, (g, m, v, d, w) in enumerate(zip(grads, exp_avg, exp_avg_sq, work, params)):
+        c = bias_correction2[i] ** 0.5 / bias_correction1[i]
+        beta = weight_decays[i]
+        decays = beta > 0.0 and c / beta < 1e30
+        scales.append(beta if decays else c)
+        parts = zip(*(blocks(x, block) for x in (g, m, v, d, w)))
+        for gb, mb, vb, db, wb in parts:
+            _adam_block(gb, mb, vb, db, wb if decays else None, beta1[i], beta2[i],
+                        eps[i] * bias_correction2[i] ** 0.5, c / beta if decays else 1.0)
+            norms.append(torch.linalg.vector_norm(db, dtype=torch.promote_types(db.dtype, torch.float32)))
+            owner.append(i)
+    if not norms:
+        return scales, torch.zeros(0, dtype=torch.float64)
+    per_block = torch.stack([n.to(torch.float64) for n in norms]).square()
+    sq = torch.zeros(len(grads), dtype=torch.float64, device=per_block.device)
+    sq.index_add_(0, torch.tensor(owner, device=per_block.device), per_block)
+    return scales, sq
 
 
 def projected_momentum_step(

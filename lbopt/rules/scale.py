@@ -145,9 +145,13 @@ def median_of(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
     NaN when no value is usable.
     """
-    pool = values[mask & _usable(values)]
-    if pool.numel() == 0:
+    if values.numel() == 0:
         return torch.tensor(float("nan"), dtype=values.dtype, device=values.device)
-    ordered, _ = pool.sort()
-    n = ordered.numel()
-    return 0.5 * (ordered[(n - 1) // 2] + ordered[n // 2])
+    take = mask & _usable(values)
+    # Without boolean indexing (a host sync on accelerators): unusable values sort last.
+    ordered, _ = torch.where(take, values, torch.inf).sort()
+    n = take.sum()
+    last = ordered.numel() - 1
+    middle = torch.stack([(n - 1).clamp(min=0) // 2, (n // 2).clamp(max=last)])
+    pair = ordered.index_select(0, middle)
+    return torch.where(n > 0, 0.5 * (pair[0] + pair[1]), torch.nan)
