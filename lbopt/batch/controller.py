@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -285,23 +285,57 @@ class BatchSizeController:
             self._warned.add(key)
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
-    def step(self, grad_sq_norm: float | None = None, grad_sq_norm_metric: float | None = None) -> BatchDecision:
+    @property
+    def wants_direction(self) -> bool:
+        """True when the step about to close must leave its mean gradient ḡ for the next test step.
+
+        (Inner-product tests with the micro-batch estimator: the next step's hooks take
+        ``⟨h, ḡ⟩``.) Optimizers that see ḡ only on partitions pass it densely to :meth:`step`.
+        """
+        return self.needs_direction and self._is_test_step(self.steps + 2)
+
+    def step(
+        self,
+        grad_sq_norm: float | None = None,
+        grad_sq_norm_metric: float | None = None,
+        *,
+        direction: Sequence[torch.Tensor | None] | None = None,
+        metric_square_sum: float | None = None,
+    ) -> BatchDecision:
         """Close one optimizer step: test (on test steps) and set the batch for the next one.
 
-        ``grad_sq_norm``: the global ``‖ḡ‖²`` of the gradient the optimizer uses (lbopt
-        optimizers pass it from the statistics engine; otherwise it is read from the
-        attached parameters' ``.grad``, which is right for one process and DDP).
+        ``grad_sq_norm``: the global ``‖ḡ‖²`` of the *unclipped* mean gradient (lbopt
+        optimizers pass it from the statistics engine; otherwise it is read from the attached
+        parameters' ``.grad``, which is right for one process and DDP without clipping).
         ``grad_sq_norm_metric``: ``‖ḡ‖²_P`` for the coordinate test.
+        ``direction``: this step's dense ḡ, one tensor per attached parameter (see
+        :attr:`wants_direction`); default: read from ``.grad``.
+        ``metric_square_sum``: ``Σ_j P_j S_j`` over the parameters whose squared hook
+        gradients ``S`` were kept (:meth:`MicrobatchSamples.square_sums`), summed over all
+        ranks and partitions by the caller (hook scale).
+
+        Raises ``RuntimeError`` instead of holding the batch silently when a test step lacks
+        what its test needs (no gradient, no samples, no direction, no metric).
         """
         self.steps += 1
         previous = self.batch_size
         testing = self._is_test_step(self.steps)
         cfg = self.config
+        samples = None
         if cfg.estimator == "microbatch":
+            kept_squares = bool(self.samples.square_sums())
+            if kept_squares and metric_square_sum is None and testing:
+                raise RuntimeError(
+                    "BatchSizeController: the coordinate test's metric lives on engine partitions (ZeRO) and "
+                    "the optimizer did not pass metric_square_sum to step(); use lbopt.AdAdaGrad, whose step "
+                    "completes it on the partitions"
+                )
             local = self.samples.local_sums(cfg.microbatch_scale)
-            samples = None
             if testing:
                 c, sq, sq_m, dot, dot_sq = self._reduce(local)
+                if kept_squares:
+                    scale = float(local[0] if cfg.microbatch_scale is None else cfg.microbatch_scale)
+                    sq_m = (0.0 if math.isnan(sq_m) else sq_m) + float(metric_square_sum) * scale * scale
                 samples = GradientSamples(
                     count=c, sample_size=cfg.micro_batch_size, sum_sq=sq, sum_sq_metric=sq_m,
                     sum_dot=dot, sum_dot_sq=dot_sq, dir_sq_norm=self._direction_sq_norm,
@@ -310,25 +344,12 @@ class BatchSizeController:
             samples, self._pending = self._pending, None
         decision = BatchDecision(step=self.steps, batch_size=previous, previous_batch_size=previous, tested=testing)
         if testing:
-            if grad_sq_norm is None:
-                grad_sq_norm = self._grad_sq_norm()
-                if not math.isfinite(grad_sq_norm) and self.params:
-                    self._warn_once("gsq", "BatchSizeController: no gradient on the watched parameters (ZeRO?); "
-                                    "pass grad_sq_norm to step(). Batch held.")
-            if samples is None:
-                self._warn_once("samples", "BatchSizeController: no gradient samples this step (no hooks "
-                                "attached, no observe_* call); batch held.")
-                decision.reason = "no-estimate"
-            else:
-                est = estimate_variance(
-                    samples, float(grad_sq_norm),
-                    float("nan") if grad_sq_norm_metric is None else float(grad_sq_norm_metric),
-                )
-                decision.estimate = est
-                decision.required = required_batch(cfg.test, est, cfg.eta, cfg.theta, cfg.nu)
-                decision.batch_size, decision.reason = self._propose(decision.required, previous)
+            decision = self._decide(decision, samples, grad_sq_norm, grad_sq_norm_metric)
         if self.needs_direction and self._is_test_step(self.steps + 1):
-            self._remember_direction()
+            if direction is not None:
+                self._set_direction([None if d is None else d.detach().float() for d in direction])
+            else:
+                self._remember_direction()
         self.samples.active = self._is_test_step(self.steps + 1)
         self.last = decision
         if decision.batch_size != previous:
@@ -336,6 +357,41 @@ class BatchSizeController:
             self.history.append((self.steps, self.batch_size))
             for cb in self._callbacks:
                 cb(self.batch_size, previous)
+        return decision
+
+    def _decide(self, decision: BatchDecision, samples: GradientSamples | None, grad_sq_norm: float | None,
+                grad_sq_norm_metric: float | None) -> BatchDecision:
+        cfg = self.config
+        if grad_sq_norm is None:
+            grad_sq_norm = self._grad_sq_norm()
+            if math.isnan(grad_sq_norm) and self.params:
+                raise RuntimeError(
+                    "BatchSizeController: no gradient on the watched parameters at a test step (under ZeRO "
+                    "they live on partitions); pass grad_sq_norm to step(), or use lbopt.AdAdaGrad/AdAdaGradNorm "
+                    "as the engine's optimizer"
+                )
+        if samples is None:
+            raise RuntimeError(
+                "BatchSizeController: no gradient samples at a test step (no hooks attached, no "
+                "observe_samples()/observe_microbatch() call); attach() the model or feed samples"
+            )
+        if cfg.test == "coordinate" and math.isnan(samples.sum_sq_metric) and math.isnan(samples.mean_sq_norm_metric):
+            raise RuntimeError(
+                "BatchSizeController: test='coordinate' needs the AdaGrad metric (set_metric(); lbopt.AdAdaGrad "
+                "sets it) and grad_sq_norm_metric in step()"
+            )
+        est = estimate_variance(
+            samples, float(grad_sq_norm),
+            float("nan") if grad_sq_norm_metric is None else float(grad_sq_norm_metric),
+        )
+        decision.estimate = est
+        decision.required = required_batch(cfg.test, est, cfg.eta, cfg.theta, cfg.nu)
+        decision.batch_size, decision.reason = self._propose(decision.required, decision.previous_batch_size)
+        if decision.reason == "no-estimate":
+            why = ("fewer than two gradient samples" if est.count < 2 else
+                   "no previous mean gradient yet (inner-product tests start at the second test step)"
+                   if self.needs_direction and math.isnan(est.variance_inner) else "a zero or non-finite gradient")
+            self._warn_once(f"noest:{why}", f"BatchSizeController: step {self.steps}: batch held, {why}")
         return decision
 
     def _propose(self, required: float, current: int) -> tuple[int, str]:
@@ -360,11 +416,11 @@ class BatchSizeController:
     def _remember_direction(self) -> None:
         grads = [p.grad for p in self.params]
         if not grads or any(g is None for g in grads):
-            self._warn_once("dir", f"BatchSizeController: test={self.config.test!r} with the micro-batch "
-                            "estimator needs the previous mean gradient in .grad (not available, e.g. under "
-                            "ZeRO); batch held.")
-            self._set_direction(None)
-            return
+            raise RuntimeError(
+                f"BatchSizeController: test={self.config.test!r} with the micro-batch estimator needs this "
+                "step's mean gradient ḡ, and the watched parameters have no .grad (ZeRO partitions?); pass "
+                "direction= to step() (lbopt.AdAdaGrad/AdAdaGradNorm do), or use estimator='per_sample'"
+            )
         self._set_direction([g.detach().float().clone() for g in grads])
 
     def _set_direction(self, direction: list[torch.Tensor | None] | None) -> None:
