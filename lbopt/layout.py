@@ -53,30 +53,28 @@ class Segment:
 
 @dataclass(frozen=True)
 class ParamRecord:
-    """What the optimizer learnt about one original parameter at construction."""
+    """One original parameter, in the optimizer's construction order.
+
+    ``numel`` is its logical element count (also when ZeRO-3 has already partitioned it).
+    """
 
     index: int
     name: str
-    group: int
     layer: int
     numel: int
-    shape: tuple[int, ...]
-    adapt: bool
-    decay: bool
 
 
 @dataclass
 class LayerTable:
     """Global layer metadata, identical on every rank.
 
-    ``adapt[l]``: the layer gets its own layer-wise scale (trust ratio / curvature rate);
-    otherwise its factor is 1. ``decay[l]``: weight decay applies. ``group[l]``: the
-    parameter group all of the layer's tensors belong to.
+    ``adapt[l]``: the layer gets its own layer-wise scale (trust ratio / curvature rate)
+    and weight decay; otherwise (an excluded layer: bias, norm weight) its factor is 1 and it
+    is not decayed. ``group[l]``: the parameter group all of the layer's tensors belong to.
     """
 
     names: list[str]
     adapt: list[bool]
-    decay: list[bool]
     group: list[int]
     params: list[ParamRecord] = field(default_factory=list)
 

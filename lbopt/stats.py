@@ -2,14 +2,18 @@
 
 For every requested quantity (‖x‖² of a list of tensors, or ⟨x, y⟩) the engine
 
-1. computes one partial sum per segment with batched ``torch._foreach_*`` kernels,
+1. computes one partial sum per segment: squared norms with the batched
+   ``torch._foreach_norm`` kernel, inner products with one ``torch.dot`` per segment
+   (torch has no batched dot),
 2. adds segments into a ``[num_stats, num_layers]`` tensor by global layer id,
 3. all-reduces that tensor (SUM) once over the data-parallel group when the layout is
    sharded, and does nothing more when it is not.
 
 Because layer ids are global, a layer whose elements are spread over several ranks gets
-exactly the dense sum (up to floating-point summation order). Sums are carried in float64
-so that the order of partial sums does not matter at fp32 tolerance.
+exactly the dense sum (up to floating-point summation order). Each segment's partial sum
+is taken in ``promote_types(dtype, float32)`` (float32 for fp32/bf16/fp16 tensors, float64 for
+float64 ones) and carried in float64, so that the order of partial sums does not matter at
+the tensors' own tolerance.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch.distributed as dist
 
 from lbopt.layout import Layout
 
-__all__ = ["LayerStats", "Quantity", "dot", "sq_norm", "sq_norm_now"]
+__all__ = ["LayerStats", "Quantity", "accumulation_dtype", "dot", "sq_norm", "sq_norm_now"]
 
 _STAT_DTYPE = torch.float64
 
@@ -56,18 +60,29 @@ def dot(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> Quantity:
     return Quantity(x, y)
 
 
+def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """``promote_types`` of the tensors' dtypes and float32: where partial sums are taken."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def _segment_sq_norms(views: Sequence[torch.Tensor]) -> torch.Tensor:
     if not views:
         return torch.zeros(0, dtype=_STAT_DTYPE)
-    norms = torch._foreach_norm(list(views), 2, dtype=torch.float32)
+    norms = torch._foreach_norm(list(views), 2, dtype=accumulation_dtype(*views))
     return torch.stack(norms).to(_STAT_DTYPE).square()
 
 
 def _segment_dots(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> torch.Tensor:
     if not x:
         return torch.zeros(0, dtype=_STAT_DTYPE)
-    prods = [torch.dot(a.reshape(-1).float(), b.reshape(-1).float()) for a, b in zip(x, y)]
-    return torch.stack(prods).to(_STAT_DTYPE)
+    prods = []
+    for a, b in zip(x, y):
+        dtype = accumulation_dtype(a, b)
+        prods.append(torch.dot(a.reshape(-1).to(dtype), b.reshape(-1).to(dtype)).to(_STAT_DTYPE))
+    return torch.stack(prods)
 
 
 class LayerStats:

@@ -1,7 +1,8 @@
 """Fine-tune a sequence classifier with an lbopt optimizer through the Hugging Face ``Trainer``.
 
 The short route next to ``classification.py`` (which runs its own Accelerate loop): the Trainer
-builds the optimizer from ``optimizer_cls_and_kwargs=(lbopt.LAMB, {...})``. AdAdaGrad and
+builds the optimizer from ``optimizer_cls_and_kwargs=trainer_optimizer(lbopt.LAMB, ...)``, which
+hands it the model's named parameters (see ``lbopt.integrations.trainer``). AdAdaGrad and
 AdAdaGradNorm run under ``AdaptiveBatchTrainer``, whose gradient-accumulation count follows the
 optimizer's batch controller, so the global batch really grows.
 
@@ -66,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from lbopt.integrations.adaptive_batch import AdaptiveBatchTrainer
+    from lbopt.integrations.trainer import trainer_optimizer
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         model=model, args=training_args, train_dataset=train, eval_dataset=evals, processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics,
         # A DeepSpeed config that names the optimizer ("type": "CBLR") builds it itself.
-        optimizer_cls_and_kwargs=None if ds_names_optimizer else (cls, kwargs),
+        optimizer_cls_and_kwargs=None if ds_names_optimizer else trainer_optimizer(cls, **kwargs),
     )
     # The classification loss is a per-batch mean (it ignores num_items_in_batch): divide by the accumulation.
     trainer.loss_is_scaled_for_ga = False

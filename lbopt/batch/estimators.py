@@ -117,7 +117,7 @@ class MicrobatchSamples:
             d = [self.direction[i] if i < len(self.direction) else None for i in idx]
             parts = [torch.dot(g.reshape(-1).float(), di.reshape(-1)) for g, di in zip(grads, d) if di is not None]
             if parts:
-                self._dots.append([torch.stack(parts).sum()])
+                self._dots.append(torch.stack(parts).sum())
 
     def _keep_squares(self, pairs: list[tuple[int, torch.Tensor]]) -> None:
         """``S_p += h²`` elementwise for parameters whose metric lives on engine partitions.
@@ -153,7 +153,7 @@ class MicrobatchSamples:
         if sq_norm_metric is not None:
             self._sq_metric.append(torch.as_tensor(sq_norm_metric, dtype=torch.float64))
         if dot is not None:
-            self._dots.append([torch.as_tensor(dot, dtype=torch.float64)])
+            self._dots.append(torch.as_tensor(dot, dtype=torch.float64))
 
     # ------------------------------------------------------------------ results
     def local_count(self) -> int:
@@ -162,7 +162,7 @@ class MicrobatchSamples:
     def reset(self) -> None:
         self._sq: list[torch.Tensor] = []
         self._sq_metric: list[torch.Tensor] = []
-        self._dots: list[list[torch.Tensor]] = []
+        self._dots: list[torch.Tensor] = []  # one ⟨g_k, d⟩ per micro-batch
         self._explicit = 0
         self._hook_count = 0
         self._pending: list[torch.Tensor] = []
@@ -180,7 +180,7 @@ class MicrobatchSamples:
         count = self.local_count()
         s = float(count if scale is None else scale)
         # One stack and one device-to-host copy for every partial sum; the rest in Python float64.
-        parts = self._sq + self._sq_metric + [p for mb in self._dots for p in mb]
+        parts = self._sq + self._sq_metric + self._dots
         values = torch.stack(parts).double().cpu().tolist() if parts else []
         n_sq, n_m = len(self._sq), len(self._sq_metric)
         sq = math.fsum(v * v for v in values[:n_sq])
@@ -188,10 +188,7 @@ class MicrobatchSamples:
         sq_m = math.fsum(values[n_sq:n_sq + n_m]) if want_metric else math.nan
         dot = dot_sq = math.nan if count else 0.0
         if self._dots:
-            per_mb, pos = [], n_sq + n_m
-            for mb in self._dots:
-                per_mb.append(math.fsum(values[pos:pos + len(mb)]))
-                pos += len(mb)
+            per_mb = values[n_sq + n_m:]
             dot, dot_sq = math.fsum(per_mb), math.fsum(v * v for v in per_mb)
         self.reset()
         return [float(count), sq * s * s, sq_m * s * s, dot * s, dot_sq * s * s]

@@ -10,7 +10,9 @@ keeps non-finite gradients out of the optimizer state. The arithmetic lives in
 
 from __future__ import annotations
 
+import inspect
 import math
+import pickle
 import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -23,33 +25,39 @@ from torch.optim import Optimizer
 from lbopt.layout import LayerTable, Layout, ParamRecord, resolve_layout
 from lbopt.rules.direction import adam_direction
 from lbopt.stats import LayerStats
+from lbopt.validation import check_choice, check_clip, check_range
 
-__all__ = ["ExcludeSpec", "LayerwiseOptimizer", "NonFiniteGradientError", "StepPlan"]
+__all__ = [
+    "ConfigMismatchError",
+    "ExcludeSpec",
+    "Exclusion",
+    "LayerwiseOptimizer",
+    "NonFiniteGradientError",
+    "StepPlan",
+    "check_clip",
+    "check_range",
+]
 
 ExcludeSpec = Callable[[str, torch.Tensor], bool] | str | Sequence[str] | bool | None
 LayerGrouping = str | Callable[[str], str]
 _GROUP_INDEX = "group_index"
+_CONFIG_KEY = "lbopt_config"
+# Rebuilt after unpickling / deep copy (keyed by id() or holding work memory), never serialised.
+_TRANSIENT = ("_plans", "_workspaces", "_original_index", "_closure")
+# torch.optim.Optimizer's hook registries: torch's own pickling leaves them out too.
+_TORCH_HOOKS = (
+    "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
 
 
 class NonFiniteGradientError(FloatingPointError):
     """Raised by ``step()`` with ``on_nonfinite="raise"`` when a gradient has NaN/Inf."""
 
 
-def check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``lo (<|≤) value ≤ hi``."""
-    ok = isinstance(value, int | float) and (value > lo if lo_open else value >= lo) and value <= hi
-    if not ok:
-        bracket = "(" if lo_open else "["
-        raise ValueError(f"Invalid {name}: {value!r}; expected a number in {bracket}{lo}, {hi}]")
-
-
-def check_clip(name: str, clip: tuple[float, float] | None) -> None:
-    """``clip`` must be ``None`` or ``(lo, hi)`` with ``0 ≤ lo ≤ hi``."""
-    if clip is None:
-        return
-    ok = isinstance(clip, tuple | list) and len(clip) == 2 and 0 <= clip[0] <= clip[1]
-    if not ok:
-        raise ValueError(f"Invalid {name}: {clip!r}; expected None or a pair (lo, hi) with 0 <= lo <= hi")
+class ConfigMismatchError(ValueError):
+    """``load_state_dict`` got the state of a differently configured optimizer."""
 
 
 def full_shape(p: torch.Tensor) -> tuple[int, ...]:
@@ -61,54 +69,124 @@ def full_shape(p: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(p, "ds_shape", p.shape))
 
 
-def exclusion_predicate(exclude: ExcludeSpec) -> Callable[[str, torch.Tensor], bool]:
-    """Turn the ``exclude`` argument into ``(name, param) -> bool``.
+class _Unpicklable:
+    """Stands in, after unpickling, for a callable that could not be pickled (a lambda or closure).
 
-    ``None`` (default): parameters with ``ndim <= 1`` (biases, norm weights). ``False``:
-    nothing. A string or list of strings: regular expressions searched in the parameter
-    name. A callable: used as is.
+    The layer table it helped build is kept; only a later ``add_param_group`` needs it.
     """
-    if exclude is None:
-        return lambda _name, p: len(full_shape(p)) <= 1
-    if exclude is False:
-        return lambda _name, _p: False
-    if isinstance(exclude, str):
-        exclude = [exclude]
-    if isinstance(exclude, Sequence) and all(isinstance(e, str) for e in exclude):
-        patterns = [re.compile(e) for e in exclude]
-        return lambda name, _p: any(pat.search(name) for pat in patterns)
-    if callable(exclude):
-        return exclude
-    raise ValueError(
-        f"Invalid exclude: {exclude!r}; expected None (exclude 1-D parameters), False, a regex "
-        "string or list of them (matched against parameter names), or a callable (name, param) -> bool"
-    )
+
+    def __init__(self, what: str, fn: Callable[..., Any]) -> None:
+        self.what, self.name = what, _callable_name(fn)
+
+    def __call__(self, *args: Any) -> Any:
+        raise RuntimeError(
+            f"lbopt: this optimizer was pickled with {self.what}={self.name}, which cannot be pickled (a lambda "
+            "or local function); adding parameter groups needs it: use a module-level function"
+        )
 
 
-def _dedupe_params(params: Any) -> list[dict[str, Any]]:
-    """Normalise ``params`` to groups and drop repeats of the same tensor (tied weights)."""
+def _callable_name(fn: Callable[..., Any]) -> str:
+    if isinstance(fn, _Unpicklable):
+        return fn.name
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+def _picklable(what: str, fn: Any) -> Any:
+    """``fn`` itself if it pickles (or is not callable), else an :class:`_Unpicklable` stand-in."""
+    if not callable(fn) or isinstance(fn, _Unpicklable):
+        return fn
+    try:
+        pickle.dumps(fn)
+    except Exception:
+        return _Unpicklable(what, fn)
+    return fn
+
+
+class Exclusion:
+    """The ``exclude`` argument, parsed into a picklable predicate ``(name, param) -> bool``.
+
+    - ``None`` (default): parameters with ``ndim <= 1`` (biases, norm weights);
+    - ``False`` (or ``[]``): nothing;
+    - a regex or a list of regexes, searched in the parameter name: those parameters
+      *instead of* the default rule; a pattern written ``"+regex"`` is *added to* the
+      default rule (``exclude="+^classifier\\."``: 1-D parameters and the classifier).
+      A leading ``+`` can never start a valid regex, so the two cannot be confused;
+    - a callable ``(name, param) -> bool``: used as is (a module-level function if the
+      optimizer is to be pickled).
+
+    A pattern that matches no parameter name is reported with a warning when the layer
+    table is built.
+    """
+
+    def __init__(self, spec: ExcludeSpec) -> None:
+        self.one_dim = spec is None
+        self.patterns: tuple[re.Pattern[str], ...] = ()
+        self.predicate: Callable[[str, torch.Tensor], bool] | None = None
+        if spec is None or spec is False:
+            return
+        if isinstance(spec, str):
+            spec = [spec]
+        if isinstance(spec, Sequence) and all(isinstance(e, str) for e in spec):
+            self.one_dim = any(e.startswith("+") for e in spec)
+            self.patterns = tuple(_compile_pattern(e.removeprefix("+")) for e in spec)
+        elif callable(spec) and not isinstance(spec, bool):
+            self.predicate = spec
+        else:
+            raise ValueError(
+                f"Invalid exclude: {spec!r}; expected None (exclude 1-D parameters), False (nothing), a "
+                "regex or list of regexes on parameter names (a leading '+' adds the pattern to the 1-D "
+                "default), or a callable (name, param) -> bool"
+            )
+
+    def __call__(self, name: str, p: torch.Tensor) -> bool:
+        if self.one_dim and len(full_shape(p)) <= 1:
+            return True
+        if any(pat.search(name) for pat in self.patterns):
+            return True
+        return bool(self.predicate(name, p)) if self.predicate is not None else False
+
+    def unmatched(self, names: Iterable[str]) -> list[str]:
+        """The patterns that match none of ``names``."""
+        names = list(names)
+        return [pat.pattern for pat in self.patterns if not any(pat.search(n) for n in names)]
+
+    def describe(self) -> str:
+        """A stable text for ``repr`` and the configuration saved in ``state_dict``."""
+        parts = ["ndim<=1"] if self.one_dim else []
+        if self.patterns:
+            parts.append("regex " + " | ".join(pat.pattern for pat in self.patterns))
+        if self.predicate is not None:
+            parts.append(f"callable {_callable_name(self.predicate)}")
+        return " + ".join(parts) if parts else "nothing"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "predicate": _picklable("exclude", self.predicate)}
+
+
+def _compile_pattern(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"Invalid exclude pattern {pattern!r}: {err}") from None
+
+
+def exclusion_predicate(exclude: ExcludeSpec) -> Exclusion:
+    """Turn the ``exclude`` argument into ``(name, param) -> bool`` (see :class:`Exclusion`)."""
+    return Exclusion(exclude)
+
+
+def _as_groups(params: Any) -> list[dict[str, Any]]:
+    """Normalise ``params`` (tensors, ``(name, tensor)`` pairs or group dicts) to group dicts."""
     if isinstance(params, torch.Tensor):
         raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or dicts, not a Tensor")
     items = list(params)
     if not items:
         raise ValueError("optimizer got an empty parameter list")
-    groups = items if isinstance(items[0], dict) else [{"params": items}]
-    seen: set[int] = set()
-    out = []
-    for group in groups:
-        group = dict(group)
-        members = group["params"]
-        members = [members] if isinstance(members, torch.Tensor) else list(members)
-        kept = []
-        for item in members:
-            tensor = item[1] if isinstance(item, tuple) else item
-            if id(tensor) in seen:
-                continue
-            seen.add(id(tensor))
-            kept.append(item)
-        group["params"] = kept
-        out.append(group)
-    return out
+    return [dict(g) for g in items] if isinstance(items[0], dict) else [{"params": items}]
+
+
+def _describe_grouping(grouping: LayerGrouping) -> str:
+    return grouping if isinstance(grouping, str) else f"callable {_callable_name(grouping)}"
 
 
 @dataclass
@@ -126,10 +204,26 @@ class StepPlan:
 class LayerwiseOptimizer(Optimizer):
     """Base class: groups, layer table, layout resolution and the non-finite guard.
 
-    Subclasses implement ``_step(plan, groups)``. ``needs_all_groups`` is True for
-    methods whose statistics combine layers of different parameter groups (a median over
-    all layers, a global norm); engine adapters then make sure a single ``step()`` call
-    sees every group.
+    Subclasses implement ``_step(plan)``. ``needs_all_groups`` is True for methods whose
+    statistics combine layers of different parameter groups (a median over all layers, a
+    global norm); engine adapters then make sure a single ``step()`` call sees every group.
+
+    torch conventions kept here for every subclass:
+
+    - parameters may be tensors, ``(name, tensor)`` pairs (names enable name-based
+      ``exclude`` and ``layer_grouping="module"``) or group dicts; a tensor repeated in one
+      list (tied weights) counts once, a tensor in two groups is a ``ValueError``;
+    - ``maximize`` (per group): ascend instead of descend. ``step()`` negates the gradients
+      of those groups in place, runs the update, and negates them back (bit-exact);
+    - ``foreach`` (per group) is accepted for signature compatibility and changes nothing:
+      the arithmetic always uses the batched ``torch._foreach_*`` kernels where they help;
+    - ``lr`` may be a one-element tensor (as in ``torch.optim``); it is read on the host;
+    - any dtype: statistics are carried in ``promote_types(dtype, float32)`` and summed in
+      float64, so float64 parameters step in float64;
+    - ``state_dict`` carries the configuration (:meth:`_config`), and ``load_state_dict``
+      refuses the state of a differently configured optimizer (:class:`ConfigMismatchError`);
+    - ``copy.deepcopy`` and pickle round trips (with the model) keep working: per-step
+      caches are rebuilt, never serialised.
     """
 
     needs_all_groups: ClassVar[bool] = False
@@ -142,14 +236,17 @@ class LayerwiseOptimizer(Optimizer):
         exclude: ExcludeSpec = None,
         layer_grouping: LayerGrouping = "tensor",
         on_nonfinite: str = "skip",
+        maximize: bool = False,
+        foreach: bool | None = None,
     ) -> None:
-        if on_nonfinite not in ("skip", "raise"):
-            raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r}; expected 'skip' or 'raise'")
+        check_choice("on_nonfinite", on_nonfinite, ("skip", "raise"))
         if not (layer_grouping in ("tensor", "module") or callable(layer_grouping)):
             raise ValueError(
                 f"Invalid layer_grouping: {layer_grouping!r}; expected 'tensor', 'module' or a callable "
                 "name -> layer key"
             )
+        check_choice("maximize", maximize, (False, True))
+        check_choice("foreach", foreach, (None, False, True))
         self._exclude = exclusion_predicate(exclude)
         self._layer_grouping = layer_grouping
         self.on_nonfinite = on_nonfinite
@@ -158,16 +255,64 @@ class LayerwiseOptimizer(Optimizer):
         self._plans: dict[tuple[int, ...], StepPlan] = {}
         self._last: dict[str, torch.Tensor] = {}
         self._workspaces: dict[tuple[int, str], torch.Tensor] = {}
-        super().__init__(_dedupe_params(params), defaults)
+        self._closure: Callable[[], Any] | None = None
+        defaults = {**defaults, "maximize": maximize, "foreach": foreach}
+        super().__init__(_as_groups(params), defaults)
         self._build_layer_table()
+
+    # ------------------------------------------------------------------ configuration
+    def _config(self) -> dict[str, Any]:
+        """What this optimizer *is*, beyond its group hyperparameters: saved in ``state_dict``
+        under ``"lbopt_config"``, shown by ``repr``, and compared by ``load_state_dict``.
+
+        Subclasses extend it with their own construction choices (e.g. a curvature
+        estimator): ``return {**super()._config(), "curvature": self.curvature}``. Values
+        must be plain (str, int, float, bool, None).
+        """
+        return {
+            "optimizer": type(self).__name__,
+            "exclude": self._exclude.describe(),
+            "layer_grouping": _describe_grouping(self._layer_grouping),
+            "layers": self.table.num_layers,
+        }
+
+    def __repr__(self) -> str:
+        config = ", ".join(f"{k}={v!r}" for k, v in self._config().items() if k != "optimizer")
+        head, _, groups = super().__repr__().partition(" (")
+        return f"{head} ({config}{chr(10) if groups.strip() != ')' else ''}{groups}"
 
     # ------------------------------------------------------------------ layer table
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (torch semantics); repeats of a tensor inside it count once (tied weights),
+        a tensor that is already in another group is a ``ValueError``."""
+        param_group = dict(param_group)
+        param_group["params"] = self._new_members(param_group["params"])
         param_group.setdefault(_GROUP_INDEX, len(self.param_groups))
         param_group.setdefault("step", 0)
         super().add_param_group(param_group)
         if hasattr(self, "table"):
             self._build_layer_table()
+
+    def _new_members(self, members: Any) -> list[Any]:
+        if isinstance(members, torch.Tensor):
+            return [members]
+        if isinstance(members, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, not a set")
+        owner = {id(p): g[_GROUP_INDEX] for g in self.param_groups for p in g["params"]}
+        seen: set[int] = set()
+        kept = []
+        for j, item in enumerate(members):
+            tensor = item[1] if isinstance(item, tuple) else item
+            if id(tensor) in owner:
+                what = repr(item[0]) if isinstance(item, tuple) else f"number {j}"
+                raise ValueError(
+                    f"Invalid params: parameter {what} of group {len(self.param_groups)} is already in group "
+                    f"{owner[id(tensor)]}; each parameter may belong to one group only (torch.optim's rule)"
+                )
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                kept.append(item)
+        return kept
 
     def _build_layer_table(self) -> None:
         records: list[ParamRecord] = []
@@ -175,11 +320,13 @@ class LayerwiseOptimizer(Optimizer):
         keys: dict[Any, int] = {}
         names: list[str] = []
         adapt: list[bool] = []
-        decay: list[bool] = []
         layer_group: list[int] = []
+        param_names: list[str] = []
+        named = False
         for group in self.param_groups:
             gi = group[_GROUP_INDEX]
             pnames = group.get("param_names")
+            named = named or bool(pnames)
             for j, p in enumerate(group["params"]):
                 name = pnames[j] if pnames else f"group{gi}.param{j}"
                 excluded = bool(self._exclude(name, p))
@@ -188,7 +335,6 @@ class LayerwiseOptimizer(Optimizer):
                     keys[key] = len(names)
                     names.append(name if isinstance(key, int) else key[1])
                     adapt.append(not excluded)
-                    decay.append(not excluded)
                     layer_group.append(gi)
                 layer = keys[key]
                 if adapt[layer] == excluded or layer_group[layer] != gi:
@@ -197,17 +343,30 @@ class LayerwiseOptimizer(Optimizer):
                         f"different exclusion (at {name!r}); put a layer's tensors in one group or use "
                         "layer_grouping='tensor'"
                     )
-                records.append(
-                    ParamRecord(
-                        index=len(records), name=name, group=gi, layer=layer, numel=math.prod(full_shape(p)),
-                        shape=full_shape(p), adapt=not excluded, decay=not excluded,
-                    )
-                )
+                records.append(ParamRecord(index=len(records), name=name, layer=layer, numel=math.prod(full_shape(p))))
                 originals.append(p)
-        self.table = LayerTable(names=names, adapt=adapt, decay=decay, group=layer_group, params=records)
+                param_names.append(name)
+        self.table = LayerTable(names=names, adapt=adapt, group=layer_group, params=records)
         self.table.originals = originals  # type: ignore[attr-defined]
         self._original_index = {id(p): r.index for p, r in zip(originals, records)}
         self._plans.clear()
+        self._warn_unmatched(param_names, named)
+
+    def _warn_unmatched(self, param_names: list[str], named: bool) -> None:
+        missed = self._exclude.unmatched(param_names)
+        if not missed:
+            return
+        hint = (
+            "" if named else
+            " The parameters have no names (they are called group0.param0, ...): pass model.named_parameters(), "
+            "or with the HF Trainer use lbopt.integrations.trainer.trainer_optimizer."
+        )
+        warnings.warn(
+            f"{type(self).__name__}: exclude pattern(s) {missed} match no parameter name, so they exclude "
+            f"nothing.{hint}",
+            UserWarning,
+            stacklevel=4,
+        )
 
     def _layer_key(self, name: str, index: int, excluded: bool, named: bool) -> Any:
         if self._layer_grouping == "tensor" or excluded:
@@ -260,11 +419,12 @@ class LayerwiseOptimizer(Optimizer):
         return torch.tensor(vals, dtype=torch.float64, device=device)
 
     def layer_weight_decay(self, device: torch.device) -> torch.Tensor:
-        """Per-layer β actually applied: the group's ``weight_decay`` where the layer decays, else 0."""
-        return self.layer_hparam("weight_decay", device) * self.layer_mask("decay", device)
+        """Per-layer β actually applied: the group's ``weight_decay`` on adapted layers, 0 on
+        excluded ones (an excluded layer is neither adapted nor decayed)."""
+        return self.layer_hparam("weight_decay", device) * self.layer_mask("adapt", device)
 
     def layer_mask(self, which: str, device: torch.device) -> torch.Tensor:
-        """``adapt`` or ``decay`` flags per layer as a bool tensor."""
+        """The layer table's per-layer flags ``which`` (``"adapt"``) as a bool tensor."""
         return torch.tensor(getattr(self.table, which), dtype=torch.bool, device=device)
 
     def nonfinite(self, sq_norms: torch.Tensor) -> bool:
@@ -360,12 +520,16 @@ class LayerwiseOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         plan = self._plan()
-        if plan is not None:
-            self._closure = closure
-            try:
-                self._step(plan)
-            finally:
-                self._closure = None
+        if plan is None:
+            return loss
+        ascend = [p for g in self.param_groups if g.get("maximize", False) for p in g["params"]]
+        self._closure = closure if closure is None or not ascend else _negating(closure, ascend)
+        _negate_grads(ascend)
+        try:
+            self._step(plan)
+        finally:
+            self._closure = None
+            _negate_grads(ascend)
         return loss
 
     def _step(self, plan: StepPlan) -> None:
@@ -401,20 +565,82 @@ class LayerwiseOptimizer(Optimizer):
         sd = super().state_dict()
         sd["layer_state"] = {k: v.clone() for k, v in self.layer_state.items()}
         sd["skipped_steps"] = self.skipped_steps
+        sd[_CONFIG_KEY] = self._config()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict` of an optimizer configured the same way.
+
+        Raises :class:`ConfigMismatchError` (before changing anything) when the saved
+        ``"lbopt_config"`` differs from this optimizer's, e.g. CBLR state into LAMB. States
+        without a configuration (older checkpoints, engine-built dicts) load unchecked;
+        deleting ``state_dict["lbopt_config"]`` forces a load.
+        """
         state_dict = dict(state_dict)
+        saved = state_dict.pop(_CONFIG_KEY, None)
+        if saved is not None:
+            self._check_config(saved)
         layer_state = state_dict.pop("layer_state", {})
         self.skipped_steps = int(state_dict.pop("skipped_steps", 0))
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # states saved before these keys existed
+            for key in ("maximize", "foreach"):
+                group.setdefault(key, self.defaults[key])
         self.layer_state = {k: v.clone() for k, v in layer_state.items()}
         # The layer table describes the construction-time parameters and stays as it is:
         # under ZeRO, param_groups hold partitions at this point, not parameters.
         self._plans.clear()
+
+    def _check_config(self, saved: dict[str, Any]) -> None:
+        mine = self._config()
+        diff = [
+            f"{key}: saved {saved.get(key, '<absent>')!r}, this optimizer {mine.get(key, '<absent>')!r}"
+            for key in sorted(set(saved) | set(mine), key=str)
+            if saved.get(key, "<absent>") != mine.get(key, "<absent>")
+        ]
+        if diff:
+            raise ConfigMismatchError(
+                f"Invalid state_dict for {type(self).__name__}: it was saved by a differently configured optimizer ("
+                + "; ".join(diff)
+                + "). Construct the optimizer as it was saved to resume; to load the state anyway, delete "
+                f"state_dict[{_CONFIG_KEY!r}] first."
+            )
+
+    # ------------------------------------------------------------------ pickling / deepcopy
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but per-step caches, torch's hook registries and instance-level patches
+        (e.g. an LR scheduler's wrapper around ``step``)."""
+        cls = type(self)
+        state = {
+            k: v for k, v in self.__dict__.items()
+            if k not in _TRANSIENT and k not in _TORCH_HOOKS and not (inspect.isroutine(v) and hasattr(cls, k))
+        }
+        state["_layer_grouping"] = _picklable("layer_grouping", self._layer_grouping)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for i, group in enumerate(self.param_groups):
             group.setdefault(_GROUP_INDEX, i)
             group.setdefault("step", 0)
+        self._plans, self._workspaces, self._closure = {}, {}, None
+        table = self.__dict__.get("table")
+        if table is not None:
+            self._original_index = {id(p): r.index for p, r in zip(table.originals, table.params)}
+
+
+def _negate_grads(params: list[torch.Tensor]) -> None:
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_neg_(grads)
+
+
+def _negating(closure: Callable[[], Any], params: list[torch.Tensor]) -> Callable[[], Any]:
+    """``closure``, followed by negating the fresh gradients of ``params`` (``maximize`` groups)."""
+
+    def run() -> Any:
+        loss = closure()
+        _negate_grads(params)
+        return loss
+
+    return run

@@ -7,17 +7,11 @@ from typing import Any
 
 import torch
 
-from lbopt.optim.base import (
-    ExcludeSpec,
-    LayerGrouping,
-    LayerwiseOptimizer,
-    StepPlan,
-    check_clip,
-    check_range,
-)
+from lbopt.optim.base import ExcludeSpec, LayerGrouping, LayerwiseOptimizer, StepPlan
 from lbopt.rules.direction import descend
 from lbopt.rules.scale import trust_ratio
 from lbopt.stats import sq_norm
+from lbopt.validation import check_betas, check_clip, check_range
 
 __all__ = ["LAMB"]
 
@@ -39,10 +33,15 @@ class LAMB(LayerwiseOptimizer):
 
     Args:
         params: parameters, ``(name, param)`` pairs or param-group dicts.
-        lr: η. betas: (β₁, β₂) in [0, 1). eps: ε > 0. weight_decay: β ≥ 0 (decoupled).
+        lr: η ≥ 0, finite (a float or a one-element tensor). betas: (β₁, β₂) in [0, 1).
+        eps: ε > 0. weight_decay: β ≥ 0 (decoupled).
         trust_clip: ``(lo, hi)`` bounds on ``r_l`` or None.
         bias_correction: divide the moments by ``1 − βᵗ`` (default True).
-        exclude, layer_grouping, on_nonfinite: as in :class:`lbopt.CBLR`.
+        exclude: which parameters are not adapted and not decayed: None (default,
+            ``ndim <= 1``), False, regexes on names (``"+regex"`` adds to the default), or a
+            predicate; see :class:`lbopt.optim.base.Exclusion`.
+        layer_grouping, on_nonfinite: as in :class:`lbopt.CBLR`.
+        maximize, foreach: as in ``torch.optim`` (see :class:`lbopt.LayerwiseOptimizer`).
 
     Reference: Y. You et al., "Large Batch Optimization for Deep Learning: Training BERT
     in 76 minutes" (ICLR 2020).
@@ -61,20 +60,19 @@ class LAMB(LayerwiseOptimizer):
         exclude: ExcludeSpec = None,
         layer_grouping: LayerGrouping = "tensor",
         on_nonfinite: str = "skip",
+        maximize: bool = False,
+        foreach: bool | None = None,
     ) -> None:
-        check_range("lr", lr, 0.0, float("inf"))
-        check_range("eps", eps, 0.0, float("inf"), lo_open=True)
-        check_range("weight_decay", weight_decay, 0.0, float("inf"))
-        for i, b in enumerate(betas):
-            if not (isinstance(b, int | float) and 0.0 <= b < 1.0):
-                raise ValueError(f"Invalid betas[{i}]: {b!r}; expected a number in [0, 1)")
-        check_clip("trust_clip", trust_clip)
+        check_range("lr", lr, tensor_ok=True)
+        check_range("eps", eps, lo_open=True)
+        check_range("weight_decay", weight_decay)
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, trust_clip=trust_clip,
-            bias_correction=bias_correction,
+            lr=lr, betas=check_betas("betas", betas), eps=eps, weight_decay=weight_decay,
+            trust_clip=check_clip("trust_clip", trust_clip), bias_correction=bool(bias_correction),
         )
         super().__init__(
-            params, defaults, exclude=exclude, layer_grouping=layer_grouping, on_nonfinite=on_nonfinite
+            params, defaults, exclude=exclude, layer_grouping=layer_grouping, on_nonfinite=on_nonfinite,
+            maximize=maximize, foreach=foreach,
         )
 
     def _step(self, plan: StepPlan) -> None:

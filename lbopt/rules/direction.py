@@ -1,11 +1,13 @@
 """Update directions: elementwise rules on lists of (segment) tensors.
 
 Per-segment scalars (step sizes, decays) are Python lists aligned with the tensor lists, so
-one segment of a flat ZeRO partition can be decayed and another not. Everything is in
-place: no model-sized temporaries on the common paths. On accelerators the batched
-``torch._foreach_*`` kernels are used; on CPU, where foreach is a loop anyway, per-tensor
-``add_(alpha=...)`` avoids the temporary a per-tensor scalar list would need. Both give
-the same numbers.
+one segment of a flat ZeRO partition can be decayed and another not. Results are written in
+place into the caller's tensors and buffers. Temporaries: where one scalar serves every
+segment (``_foreach_add_(alpha=)``, ``_foreach_mul_``) there are none; where scalars differ
+per segment, :func:`add_scaled_` on accelerators forms ``s_i · src_i`` in a temporary as
+large as ``src`` before adding it (one batched ``torch._foreach_*`` kernel instead of a
+launch per segment), while on CPU, where foreach is a loop anyway, per-tensor
+``add_(alpha=...)`` needs none. Both give the same numbers.
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ Tensors = list[torch.Tensor]
 
 
 def add_scaled_(dst: Tensors, src: Tensors, scalars: Sequence[float]) -> None:
-    """``dst_i += s_i · src_i`` in place."""
+    """``dst_i += s_i · src_i`` in place.
+
+    Equal scalars: one ``_foreach_add_(alpha=)``, no temporary. Differing scalars: per-tensor
+    ``add_(alpha=)`` on CPU (no temporary); on accelerators ``_foreach_mul`` then
+    ``_foreach_add_``, which allocates a temporary the size of ``src``.
+    """
     if not dst:
         return
     first = scalars[0]
