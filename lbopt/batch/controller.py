@@ -26,6 +26,7 @@ from torch import nn
 
 from lbopt.batch.criteria import TESTS, GradientSamples, VarianceEstimate, estimate_variance, required_batch
 from lbopt.batch.estimators import MetricFn, MicrobatchSamples
+from lbopt.validation import check_choice, check_int, check_range
 
 __all__ = ["BatchDecision", "BatchSizeController"]
 
@@ -77,18 +78,6 @@ class _Config:
     estimator: str
     microbatch_scale: float | None
     history: list[tuple[int, int]] = field(default_factory=list)
-
-
-def _check_int(name: str, value: Any, lo: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"Invalid {name}: {value!r}; expected an integer >= {lo}")
-    return value
-
-
-def _check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"Invalid {name}: {value!r}; expected a finite number > 0")
-    return float(value)
 
 
 class BatchSizeController:
@@ -144,12 +133,12 @@ class BatchSizeController:
         microbatch_scale: float | None = None,
         process_group: Any = None,
     ) -> None:
-        _check_int("micro_batch_size", micro_batch_size)
+        check_int("micro_batch_size", micro_batch_size)
         if world_size is None:
             world_size = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
-        _check_int("world_size", world_size)
-        _check_int("initial_batch_size", initial_batch_size)
-        _check_int("max_batch_size", max_batch_size)
+        check_int("world_size", world_size)
+        check_int("initial_batch_size", initial_batch_size)
+        check_int("max_batch_size", max_batch_size)
         unit = micro_batch_size * world_size
         for name, value in (("initial_batch_size", initial_batch_size), ("max_batch_size", max_batch_size)):
             if value % unit:
@@ -163,12 +152,9 @@ class BatchSizeController:
                 f"Invalid max_batch_size: {max_batch_size} is below initial_batch_size={initial_batch_size}; "
                 f"set max_batch_size >= {initial_batch_size}"
             )
-        if test not in TESTS:
-            raise ValueError(f"Invalid test: {test!r}; expected one of {TESTS}")
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"Invalid estimator: {estimator!r}; expected one of {ESTIMATORS}")
-        if lr_coupling not in LR_COUPLINGS:
-            raise ValueError(f"Invalid lr_coupling: {lr_coupling!r}; expected one of {tuple(LR_COUPLINGS)}")
+        check_choice("test", test, TESTS)
+        check_choice("estimator", estimator, ESTIMATORS)
+        check_choice("lr_coupling", lr_coupling, tuple(LR_COUPLINGS))
         if estimator == "microbatch" and initial_batch_size // micro_batch_size < 2:
             raise ValueError(
                 f"Invalid initial_batch_size: {initial_batch_size} gives one micro-batch sample per step "
@@ -177,12 +163,14 @@ class BatchSizeController:
                 "a smaller micro_batch_size, or estimator='per_sample'"
             )
         if microbatch_scale is not None:
-            _check_positive("microbatch_scale", microbatch_scale)
+            check_range("microbatch_scale", microbatch_scale, lo_open=True)
         self.config = _Config(
             initial_batch_size=initial_batch_size, max_batch_size=max_batch_size,
             micro_batch_size=micro_batch_size, world_size=world_size, test=test,
-            eta=_check_positive("eta", eta), theta=_check_positive("theta", theta), nu=_check_positive("nu", nu),
-            test_interval=_check_int("test_interval", test_interval), monotone=bool(monotone),
+            eta=float(check_range("eta", eta, lo_open=True)),
+            theta=float(check_range("theta", theta, lo_open=True)),
+            nu=float(check_range("nu", nu, lo_open=True)),
+            test_interval=check_int("test_interval", test_interval), monotone=bool(monotone),
             lr_coupling=lr_coupling, estimator=estimator, microbatch_scale=microbatch_scale,
         )
         self.process_group = process_group

@@ -17,8 +17,9 @@ import torch.distributed as dist
 
 from lbopt.batch.controller import BatchSizeController
 from lbopt.layout import LayerTable, Layout
-from lbopt.optim.base import ExcludeSpec, LayerwiseOptimizer, StepPlan, check_range
+from lbopt.optim.base import ExcludeSpec, LayerwiseOptimizer, StepPlan
 from lbopt.stats import Quantity, dot, sq_norm
+from lbopt.validation import check_range
 
 __all__ = ["AdAdaGrad", "AdAdaGradNorm", "AdaGrad", "AdaGradNorm"]
 
@@ -26,11 +27,11 @@ __all__ = ["AdAdaGrad", "AdAdaGradNorm", "AdaGrad", "AdaGradNorm"]
 def _check_common(lr: float, initial_accumulator_value: float, eps: float, weight_decay: float,
                   max_grad_norm: float | None = None) -> None:
     if max_grad_norm is not None:
-        check_range("max_grad_norm", max_grad_norm, 0.0, float("inf"), lo_open=True)
-    check_range("lr", lr, 0.0, float("inf"))
-    check_range("initial_accumulator_value", initial_accumulator_value, 0.0, float("inf"))
-    check_range("eps", eps, 0.0, float("inf"))
-    check_range("weight_decay", weight_decay, 0.0, float("inf"))
+        check_range("max_grad_norm", max_grad_norm, lo_open=True)
+    check_range("lr", lr, tensor_ok=True)
+    check_range("initial_accumulator_value", initial_accumulator_value)
+    check_range("eps", eps)
+    check_range("weight_decay", weight_decay)
 
 
 def clip_coefficient(grad_sq_norm: float, max_grad_norm: float | None) -> float:
@@ -165,6 +166,7 @@ class AdaGradNorm(_AdaGradBase):
         max_grad_norm: C > 0 or None: the applied gradient is ``g·min(1, C/(‖g‖+1e-6))``
             (global norm, exact under ZeRO, as ``torch.nn.utils.clip_grad_norm_``); a batch
             controller still sees the unclipped gradient.
+        maximize, foreach: as in ``torch.optim`` (see :class:`lbopt.optim.base.LayerwiseOptimizer`).
 
     Reference: R. Ward, X. Wu, L. Bottou, "AdaGrad stepsizes: sharp convergence over nonconvex
     landscapes" (ICML 2019); M. Streeter, H. B. McMahan (2010).
@@ -183,10 +185,13 @@ class AdaGradNorm(_AdaGradBase):
         exclude: ExcludeSpec = None,
         on_nonfinite: str = "skip",
         max_grad_norm: float | None = None,
+        maximize: bool = False,
+        foreach: bool | None = None,
     ) -> None:
         _check_common(lr, initial_accumulator_value, eps, weight_decay, max_grad_norm)
         defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay)
-        super().__init__(params, defaults, exclude=exclude, on_nonfinite=on_nonfinite)
+        super().__init__(params, defaults, exclude=exclude, on_nonfinite=on_nonfinite, maximize=maximize,
+                         foreach=foreach)
         self.initial_accumulator_value = float(initial_accumulator_value)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.layer_state["b_sq"] = torch.tensor(self.initial_accumulator_value, dtype=torch.float64)
@@ -265,10 +270,13 @@ class AdaGrad(_AdaGradBase):
         exclude: ExcludeSpec = None,
         on_nonfinite: str = "skip",
         max_grad_norm: float | None = None,
+        maximize: bool = False,
+        foreach: bool | None = None,
     ) -> None:
         _check_common(lr, initial_accumulator_value, eps, weight_decay, max_grad_norm)
         defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay)
-        super().__init__(params, defaults, exclude=exclude, on_nonfinite=on_nonfinite)
+        super().__init__(params, defaults, exclude=exclude, on_nonfinite=on_nonfinite, maximize=maximize,
+                         foreach=foreach)
         self.initial_accumulator_value = float(initial_accumulator_value)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
 
@@ -431,10 +439,12 @@ class AdAdaGradNorm(AdaGradNorm):
         exclude: ExcludeSpec = None,
         on_nonfinite: str = "skip",
         max_grad_norm: float | None = None,
+        maximize: bool = False,
+        foreach: bool | None = None,
         **controller_kwargs: Any,
     ) -> None:
-        super().__init__(params, lr, initial_accumulator_value, eps, weight_decay,
-                         exclude=exclude, on_nonfinite=on_nonfinite, max_grad_norm=max_grad_norm)
+        super().__init__(params, lr, initial_accumulator_value, eps, weight_decay, exclude=exclude,
+                         on_nonfinite=on_nonfinite, max_grad_norm=max_grad_norm, maximize=maximize, foreach=foreach)
         self.batch_controller = _make_controller(self, batch_controller, controller_kwargs)
 
 
@@ -466,10 +476,12 @@ class AdAdaGrad(AdaGrad):
         exclude: ExcludeSpec = None,
         on_nonfinite: str = "skip",
         max_grad_norm: float | None = None,
+        maximize: bool = False,
+        foreach: bool | None = None,
         **controller_kwargs: Any,
     ) -> None:
-        super().__init__(params, lr, initial_accumulator_value, eps, weight_decay,
-                         exclude=exclude, on_nonfinite=on_nonfinite, max_grad_norm=max_grad_norm)
+        super().__init__(params, lr, initial_accumulator_value, eps, weight_decay, exclude=exclude,
+                         on_nonfinite=on_nonfinite, max_grad_norm=max_grad_norm, maximize=maximize, foreach=foreach)
         self.batch_controller = _make_controller(self, batch_controller, controller_kwargs)
         if self.batch_controller is not None and self.batch_controller.config.test == "coordinate":
             self.batch_controller.set_metric(self.metric)
