@@ -8,7 +8,7 @@ DeepSpeed ZeRO 1/2/3 alike.
 """
 
 from lbopt._post_import import install_integration_hooks as _install_integration_hooks
-from lbopt.batch import BatchDecision, BatchSizeController, PerSampleGradients
+from lbopt.batch import BatchDecision, BatchSizeController, BatchSizeSchedule, PerSampleGradients
 from lbopt.optim import (
     CBLR,
     LAMB,
@@ -40,6 +40,7 @@ __all__ = [
     "AdaGradNorm",
     "BatchDecision",
     "BatchSizeController",
+    "BatchSizeSchedule",
     "PerSampleGradients",
     "LayerwiseOptimizer",
     "NonFiniteGradientError",

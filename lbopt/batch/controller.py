@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,12 +25,13 @@ from torch import nn
 
 from lbopt.batch.criteria import TESTS, GradientSamples, VarianceEstimate, estimate_variance, required_batch
 from lbopt.batch.estimators import MetricFn, MicrobatchSamples
+from lbopt.batch.policy import LR_RULES, BatchSizePolicy
 from lbopt.validation import check_choice, check_int, check_range
 
 __all__ = ["BatchDecision", "BatchSizeController"]
 
 ESTIMATORS = ("microbatch", "per_sample")
-LR_COUPLINGS = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
+LR_COUPLINGS = LR_RULES  # the one LR rule (lbopt.batch.policy.lr_scale)
 _NEEDS_DIRECTION = ("inner_product", "orthogonality", "augmented")
 
 
@@ -80,7 +80,7 @@ class _Config:
     history: list[tuple[int, int]] = field(default_factory=list)
 
 
-class BatchSizeController:
+class BatchSizeController(BatchSizePolicy):
     r"""Adaptive global batch size from gradient-noise tests (Lau, Liu & Kolar 2024).
 
     Tests (``test=``), with ``V = Σ_j Var_j(∇f_i)`` the per-sample variance and ``ḡ`` the
@@ -174,33 +174,17 @@ class BatchSizeController:
             lr_coupling=lr_coupling, estimator=estimator, microbatch_scale=microbatch_scale,
         )
         self.process_group = process_group
-        self.batch_size = initial_batch_size
-        self.steps = 0
-        self.history: list[tuple[int, int]] = [(0, initial_batch_size)]
+        self._init_policy(initial_batch_size)
         self.last = BatchDecision(step=0, batch_size=initial_batch_size, previous_batch_size=initial_batch_size)
         self.params: list[torch.Tensor] = []
         self.samples = MicrobatchSamples()
         self.samples.active = self._is_test_step(1)
         self._pending: GradientSamples | None = None
-        self._callbacks: list[Callable[[int, int], None]] = []
         self._warned: set[str] = set()
 
-    # ------------------------------------------------------------------ derived numbers
     @property
-    def unit(self) -> int:
-        """Granularity of the global batch: ``micro_batch_size × world_size``."""
-        return self.config.micro_batch_size * self.config.world_size
-
-    @property
-    def accumulation_steps(self) -> int:
-        """Micro-batches per rank per optimizer step at the current batch."""
-        return self.batch_size // self.unit
-
-    @property
-    def lr_factor(self) -> float:
-        """``(B/B₀)^p`` with p from ``lr_coupling`` (1.0 for ``"none"``)."""
-        p = LR_COUPLINGS[self.config.lr_coupling]
-        return (self.batch_size / self.config.initial_batch_size) ** p if p else 1.0
+    def owns_gradients(self) -> bool:
+        return True
 
     # ------------------------------------------------------------------ wiring
     def attach(self, params: Iterable[Any] | nn.Module) -> BatchSizeController:
@@ -225,10 +209,6 @@ class BatchSizeController:
     def set_metric(self, metric_fn: MetricFn | None) -> None:
         """Per-parameter weights ``P`` for the coordinate test: ``metric_fn(param) -> tensor | None``."""
         self.samples.metric_fn = metric_fn
-
-    def on_change(self, callback: Callable[[int, int], None]) -> None:
-        """Call ``callback(new_batch, old_batch)`` whenever the batch size changes."""
-        self._callbacks.append(callback)
 
     @property
     def needs_direction(self) -> bool:
@@ -340,11 +320,7 @@ class BatchSizeController:
                 self._remember_direction()
         self.samples.active = self._is_test_step(self.steps + 1)
         self.last = decision
-        if decision.batch_size != previous:
-            self.batch_size = decision.batch_size
-            self.history.append((self.steps, self.batch_size))
-            for cb in self._callbacks:
-                cb(self.batch_size, previous)
+        self._change_batch(decision.batch_size)
         return decision
 
     def _decide(self, decision: BatchDecision, samples: GradientSamples | None, grad_sq_norm: float | None,
@@ -418,21 +394,6 @@ class BatchSizeController:
             self._direction_sq_norm = float("nan")
         else:
             self._direction_sq_norm = float(sum(d.double().square().sum() for d in direction if d is not None))
-
-    # ------------------------------------------------------------------ LR coupling
-    @contextmanager
-    def scaled_lr(self, optimizer: torch.optim.Optimizer) -> Iterator[None]:
-        """Multiply every group's ``lr`` by :attr:`lr_factor` for the duration of the block."""
-        f = self.lr_factor
-        saved = [g["lr"] for g in optimizer.param_groups]
-        if f != 1.0:
-            for g in optimizer.param_groups:
-                g["lr"] = g["lr"] * f
-        try:
-            yield
-        finally:
-            for g, lr in zip(optimizer.param_groups, saved):
-                g["lr"] = lr
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
