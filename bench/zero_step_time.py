@@ -28,16 +28,13 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import deepspeed
 import torch
 import torch.distributed as dist
+from lbopt.integrations import deepspeed as adapter
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import lbopt
-import lbopt._post_import
-
-lbopt._post_import.install_integration_hooks()  # a no-op once lbopt/__init__.py does it
-
-import deepspeed  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 OPTIMIZERS = {
     "AdamW": lambda groups: torch.optim.AdamW(groups, lr=1e-4, foreach=True),
@@ -111,7 +108,7 @@ def main() -> None:
     for name, build in OPTIMIZERS.items():
         model = make_model()
         groups = groups_of(model)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build(groups), config=config)
+        engine, _, _, _ = adapter.initialize(model=model, optimizer=build(groups), config=config)
         engines[name] = engine
         probes[name] = StepProbe(engine.basic_optimizer)
     n_params = sum(p.numel() for p in next(iter(engines.values())).module.parameters())

@@ -14,15 +14,17 @@ loader is never rebuilt:
   count follows the controller (a callback alone cannot: the Trainer's inner loop decides
   when to step from ``step % gradient_accumulation_steps``; the subclass changes the count
   only where that stays aligned with the micro-batches actually fetched).
-- :func:`attach_deepspeed` / :func:`deepspeed_steps`: ``engine.set_train_batch_size`` on
-  every change, and a loop that marks accumulation boundaries explicitly (DeepSpeed's own
-  boundary test counts micro-steps modulo the *current* accumulation count, which would
-  misalign after a change).
+- under DeepSpeed, :class:`AdaptiveBatchLoop` drives the engine itself; the bare-DeepSpeed
+  pieces :func:`attach_deepspeed` / :func:`deepspeed_steps` live in DeepSpeed's adapter
+  (:mod:`lbopt.integrations.deepspeed.batch`) and are re-exported here.
 
 LR schedules: with ``lr_schedule="samples"`` (default) the scheduler advances by
 ``samples_seen / initial_batch_size`` (one tick per initial batch worth of data), so a
 schedule written for the initial batch spans the same data whatever the batch grows to;
 ``"steps"`` ticks once per optimizer step.
+
+Every route takes any batch-size *policy*: the adaptive :class:`lbopt.BatchSizeController` or
+the planned :class:`lbopt.BatchSizeSchedule` (``--batch_schedule`` in the recipes).
 
 Engines are imported lazily: importing this module imports neither Accelerate,
 Transformers nor DeepSpeed.
@@ -48,7 +50,9 @@ __all__ = [
     "attach_deepspeed",
     "batch_len",
     "controller_of",
-    "deepspeed_steps",
+    "deepspeed_steps",  # noqa: F822 (from lbopt.integrations.deepspeed.batch, by __getattr__)
+    "set_max_grad_norm",
+    "step_policy",
 ]
 
 LR_SCHEDULES = ("samples", "steps")
@@ -589,72 +593,15 @@ def __getattr__(name: str) -> Any:
         if _TRAINER_CLASS is None:
             _TRAINER_CLASS = _make_trainer_class()
         return _TRAINER_CLASS
+    if name in ("attach_deepspeed", "deepspeed_steps"):  # DeepSpeed's adapter owns them
+        from lbopt.integrations.deepspeed import batch
+
+        return getattr(batch, name)
     raise AttributeError(name)
 
 
-# --------------------------------------------------------------------------- DeepSpeed
 def attach_deepspeed(engine: Any, controller: BatchSizePolicy | None = None) -> BatchSizePolicy:
-    """Keep ``engine``'s global batch equal to the policy's: ``set_train_batch_size`` on change.
+    """See :func:`lbopt.integrations.deepspeed.batch.attach_deepspeed` (kept here for imports)."""
+    from lbopt.integrations.deepspeed.batch import attach_deepspeed as attach
 
-    Checks, before any step, that the policy's micro-batch and world size are the engine's;
-    that a gradient-noise controller belongs to the engine's (lbopt) optimizer, the only
-    place that sees the reduced gradient on ZeRO partitions; and that DeepSpeed does not clip
-    (it would clip the gradient the test compares with unclipped micro-batch samples: use
-    the optimizer's ``max_grad_norm``). Returns the policy (the lbopt optimizer's own
-    controller by default).
-    """
-    basic = getattr(engine, "basic_optimizer", None)
-    ctrl = controller_of(basic or engine.optimizer, controller)
-    micro, world = engine.train_micro_batch_size_per_gpu(), engine.dp_world_size
-    if ctrl.config.micro_batch_size != micro or ctrl.config.world_size != world:
-        raise ValueError(
-            f"Invalid controller: micro_batch_size={ctrl.config.micro_batch_size}, world_size="
-            f"{ctrl.config.world_size}, but the engine has train_micro_batch_size_per_gpu={micro} and "
-            f"dp_world_size={world}; build the controller with those"
-        )
-    if ctrl.owns_gradients and not _owns(basic, ctrl):
-        raise ValueError(
-            "Invalid controller: under DeepSpeed the controller must belong to the engine's optimizer "
-            "(lbopt.AdAdaGrad / AdAdaGradNorm, e.g. \"optimizer\": {\"type\": \"AdAdaGradNorm\"}): only the "
-            "optimizer sees the reduced gradient's global norm on ZeRO partitions"
-        )
-    clipping = float(engine.gradient_clipping() or 0.0)
-    if ctrl.owns_gradients and clipping > 0:
-        raise ValueError(
-            f"Invalid DeepSpeed config: gradient_clipping={clipping} with an adaptive batch: DeepSpeed would clip "
-            "the mean gradient that the batch-size test compares with unclipped micro-batch gradients; set "
-            f"\"gradient_clipping\": 0.0 and pass max_grad_norm={clipping} to the optimizer instead"
-        )
-    if getattr(engine, "_lbopt_policy", None) is not ctrl:
-        engine._lbopt_policy = ctrl
-        ctrl.on_change(lambda new, _old: engine.set_train_batch_size(new))
-    engine.set_train_batch_size(ctrl.batch_size)
-    return ctrl
-
-
-def deepspeed_steps(engine: Any, micro_batches: Iterable[Any], controller: BatchSizePolicy,
-                    ) -> Iterator[tuple[list[Any], Any]]:
-    """Yield ``(micro_batches_of_step, backward)``; call ``backward(loss)`` per micro-batch.
-
-    Marks the accumulation boundary on the last micro-batch of each step explicitly, scales
-    each loss by ``1/len(step)`` (so a short last step is averaged right) and calls
-    ``engine.step()`` after every backward, as DeepSpeed expects. A policy the optimizer does
-    not own (a :class:`BatchSizeSchedule`) is stepped after the step's last micro-batch.
-    """
-    owned = _owns(getattr(engine, "basic_optimizer", None), controller)
-    world = engine.dp_world_size
-    for micro in adaptive_steps(micro_batches, controller):
-        n = len(micro)
-        state = {"i": 0}
-        samples = sum(batch_len(b) for b in micro) * world
-
-        def backward(loss: torch.Tensor, _n: int = n, _state: dict = state, _samples: int = samples) -> None:
-            i = _state["i"]
-            engine.set_gradient_accumulation_boundary(i == _n - 1)
-            engine.backward(loss / _n, scale_wrt_gas=False)
-            engine.step()
-            _state["i"] = i + 1
-            if i == _n - 1 and not owned:
-                step_policy(controller, _samples)
-
-        yield micro, backward
+    return attach(engine, controller)

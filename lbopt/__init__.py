@@ -7,7 +7,6 @@ statistics engine (:mod:`lbopt.stats`) over a layout of local tensor slices
 DeepSpeed ZeRO 1/2/3 alike.
 """
 
-from lbopt._post_import import install_integration_hooks as _install_integration_hooks
 from lbopt.batch import BatchDecision, BatchSizeController, BatchSizeSchedule, PerSampleGradients
 from lbopt.optim import (
     CBLR,
@@ -22,10 +21,6 @@ from lbopt.optim import (
     NonFiniteGradientError,
 )
 from lbopt.registry import get_optimizer_class, optimizer_names
-
-# DeepSpeed (if and when it is imported) learns lbopt's config names and partition layouts;
-# nothing is imported here.
-_install_integration_hooks()
 
 __version__ = "0.1.0"
 

@@ -8,9 +8,11 @@ a model parameter to a *global* layer id (the same on every rank), as a list of
 (:mod:`lbopt.stats`) sums per layer over segments and all-reduces once when the layout is
 sharded, so a layer cut between ranks is summed exactly.
 
-Layouts come from *resolvers*. The dense resolver (one segment per parameter) is built in;
-engine adapters in :mod:`lbopt.integrations` register resolvers for partitioned tensors
-with :func:`register_layout_resolver`. The core never imports an engine.
+Layouts come from *resolvers*. The dense resolver (one segment per parameter) is built in.
+For partitioned tensors an engine adapter hands the optimizer a resolver bound to that
+engine's partitions (``optimizer.layout_resolver``, e.g. set by
+:func:`lbopt.integrations.deepspeed.bind`); resolvers registered process-wide with
+:func:`register_layout_resolver` are asked after it. The core never imports an engine.
 """
 
 from __future__ import annotations
@@ -149,28 +151,34 @@ def dense_layout(table: LayerTable, tensors: list[torch.Tensor], param_index: li
 
 
 def resolve_layout(
-    table: LayerTable, tensors: list[torch.Tensor], originals: dict[int, int]
+    table: LayerTable,
+    tensors: list[torch.Tensor],
+    originals: dict[int, int],
+    resolver: LayoutResolver | None = None,
 ) -> Layout:
     """Find the layout of ``tensors``.
 
     ``originals`` maps ``id(param)`` of the construction-time parameters to their record
-    index. If every tensor is an original parameter the layout is dense; otherwise the
-    registered resolvers are asked. Raises ``RuntimeError`` rather than ever computing
-    layer statistics on unknown slices.
+    index. If every tensor is an original parameter the layout is dense; otherwise
+    ``resolver`` (the optimizer's own, from an engine adapter), then the registered
+    resolvers are asked. Raises ``RuntimeError`` rather than ever computing layer
+    statistics on unknown slices.
     """
     indices = [originals.get(id(t)) for t in tensors]
     if all(i is not None for i in indices):
         return dense_layout(table, tensors, indices)  # type: ignore[arg-type]
-    for resolver in _RESOLVERS:
-        layout = resolver(table, tensors)
+    for candidate in ([resolver] if resolver is not None else []) + _RESOLVERS:
+        layout = candidate(table, tensors)
         if layout is not None:
             return layout
     shapes = [tuple(t.shape) for t, i in zip(tensors, indices) if i is None][:3]
     raise RuntimeError(
         "lbopt: the optimizer was handed tensors that are not the parameters it was constructed "
         f"with (shapes {shapes}), and no engine adapter recognises them. Layer-wise statistics on "
-        "unknown slices would be wrong. If these are DeepSpeed ZeRO partitions, `import "
-        "lbopt.integrations.deepspeed` before deepspeed.initialize (importing lbopt does this "
-        "when DeepSpeed is installed); otherwise construct the optimizer with the parameters it "
-        "will update."
+        "unknown slices would be wrong. If these are DeepSpeed partitions, bind the engine: "
+        "lbopt.integrations.deepspeed.initialize(...) instead of deepspeed.initialize, or "
+        "lbopt.integrations.deepspeed.bind(engine) right after it, or "
+        "lbopt.integrations.deepspeed.install() before it (needed for fp16/bf16 without ZeRO, "
+        "Accelerate and the HF Trainer); otherwise construct the optimizer with the parameters "
+        "it will update."
     )

@@ -301,6 +301,12 @@ class BatchSizeController(BatchSizePolicy):
             local = self.samples.local_sums(cfg.microbatch_scale)
             if testing:
                 c, sq, sq_m, dot, dot_sq = self._reduce(local)
+                if c == 0 and self.samples.params:
+                    raise RuntimeError(
+                        "BatchSizeController: the gradient hooks saw no micro-batch at this test step on any rank "
+                        "(the watched tensors are not the ones autograd fills, e.g. FSDP2's sharded parameters: "
+                        "use lbopt.integrations.fsdp.watch_unsharded, or attach() the module actually run)"
+                    )
                 if kept_squares:
                     scale = float(local[0] if cfg.microbatch_scale is None else cfg.microbatch_scale)
                     sq_m = (0.0 if math.isnan(sq_m) else sq_m) + float(metric_square_sum) * scale * scale

@@ -402,7 +402,7 @@ class LayerwiseOptimizer(Optimizer):
         key = tuple(id(t) for t in tensors)
         plan = self._plans.get(key)
         if plan is None:
-            layout = resolve_layout(self.table, tensors, self._original_index)
+            layout = resolve_layout(self.table, tensors, self._original_index, getattr(self, "layout_resolver", None))
             plan = StepPlan(layout=layout, stats=LayerStats(layout))
             if len(self._plans) > 64:
                 self._plans.clear()

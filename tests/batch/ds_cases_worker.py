@@ -15,13 +15,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import lbopt  # noqa: E402,F401
-import lbopt._post_import  # noqa: E402
-
-lbopt._post_import.install_integration_hooks()  # before deepspeed is imported
-
 import deepspeed  # noqa: E402
-from lbopt.integrations.adaptive_batch import attach_deepspeed, deepspeed_steps  # noqa: E402
+from lbopt.integrations import deepspeed as adapter  # noqa: E402
+from lbopt.integrations.deepspeed.batch import attach_deepspeed, deepspeed_steps  # noqa: E402
 
 from tests.batch import cases as C  # noqa: E402
 from tests.batch import problem as P  # noqa: E402
@@ -42,7 +38,7 @@ def run(case: C.Case, stage_spec: str, rank: int, world: int) -> dict:
         "zero_force_ds_cpu_optimizer": False,
         "optimizer": {"type": case.optimizer, "params": case.params(world)},
     }
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    engine, _, _, _ = adapter.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     ctrl = attach_deepspeed(engine)
     stream = (P.micro_batch(rank + world * i) for i in range(10**6))
     sizes, reasons = [], []

@@ -13,12 +13,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import lbopt  # noqa: E402,F401
-import lbopt._post_import  # noqa: E402
-
-lbopt._post_import.install_integration_hooks()
-
 import deepspeed  # noqa: E402
+from lbopt.integrations import deepspeed as adapter  # noqa: E402
 from lbopt.integrations.adaptive_batch import attach_deepspeed, deepspeed_steps  # noqa: E402
 
 from tests.batch import dist_worker as W  # noqa: E402
@@ -41,7 +37,7 @@ def main() -> None:
         "zero_force_ds_cpu_optimizer": False,
         "optimizer": {"type": "AdAdaGradNorm", "params": params},
     }
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    engine, _, _, _ = adapter.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     ctrl = attach_deepspeed(engine)
     stream = (P.micro_batch(rank + world * i) for i in range(10**6))
     sizes = []

@@ -14,10 +14,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import lbopt  # noqa: E402,F401
-import lbopt._post_import  # noqa: E402
+from lbopt.integrations import deepspeed as adapter  # noqa: E402
 
-lbopt._post_import.install_integration_hooks()  # see ds_worker.py
+# Accelerate calls deepspeed.initialize itself: the config route needs the explicit opt-in.
+adapter.install()
 
 import ds_common as C  # noqa: E402
 from accelerate import Accelerator  # noqa: E402

@@ -5,7 +5,14 @@ Modes:
               steps through deepspeed.initialize, write the final parameters as JSON;
   save        train `--steps` steps, save a DeepSpeed checkpoint to --ckpt;
   resume      load --ckpt (--universal: a universal checkpoint), train to STEPS, write JSON;
-  overflow    bf16/fp16: poison one step's gradient with NaN, write lbopt state before/after.
+  overflow    bf16/fp16: poison one step's gradient with NaN, write lbopt state before/after;
+  install-twice  install() twice before `import deepspeed`, then the config route (--dtype bf16
+              --stage 0: FP16_UnfusedOptimizer); parameters after 2 and STEPS steps, step counts.
+
+Routes (--route), how the engine gets bound to the lbopt optimizer:
+  initialize  lbopt.integrations.deepspeed.initialize (builds a config-named optimizer itself);
+  install     install() once, then plain deepspeed.initialize with the config naming it;
+  bind        plain deepspeed.initialize with an lbopt optimizer object, then bind(engine).
 """
 
 from __future__ import annotations
@@ -19,14 +26,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import lbopt  # noqa: E402  (the DeepSpeed adapter installs itself when deepspeed is imported)
-import lbopt._post_import  # noqa: E402
+from lbopt.integrations import deepspeed as adapter  # noqa: E402
 
-# Until lbopt/__init__.py installs the import hook itself this keeps the worker usable;
-# tests/integrations/test_deepspeed.py::test_import_hook checks the real route.
-lbopt._post_import.install_integration_hooks()
+if "install-twice" in sys.argv:  # the opt-in config route, installed before DeepSpeed is imported, twice
+    assert adapter.install() and adapter.install()
 
-import deepspeed  # noqa: E402
+import deepspeed  # noqa: E402, I001
 import ds_common as C  # noqa: E402
 
 
@@ -54,10 +59,11 @@ def ds_config(args: argparse.Namespace, world: int, name: str) -> dict:
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 8}
     if args.universal:
         cfg["checkpoint"] = {"load_universal": True}
-    if name == C.NAIVE:
+    if name == C.NAIVE or args.route == "bind":  # a client optimizer object
         cfg["zero_allow_untested_optimizer"] = True
     else:
-        cfg["optimizer"] = {"type": name, "params": C.hparams(name)}
+        # "LAMB" alone is DeepSpeed's name (its Lamb's parameter meaning): lbopt's is "lbopt.LAMB"
+        cfg["optimizer"] = {"type": "lbopt.LAMB" if name == "LAMB" else name, "params": C.hparams(name)}
     return cfg
 
 
@@ -69,11 +75,14 @@ def make_engine(args: argparse.Namespace, name: str):
     else:
         model = C.make_model()
     groups = C.param_groups(model, C.group_weight_decay(name))
-    client = C.build_optimizer(name, groups) if name == C.NAIVE else None
-    engine, _, _, _ = deepspeed.initialize(
+    client = C.build_optimizer(name, groups) if name == C.NAIVE or args.route == "bind" else None
+    init = adapter.initialize if args.route == "initialize" else deepspeed.initialize
+    engine, _, _, _ = init(
         model=model, model_parameters=groups if client is None else None, optimizer=client,
         config=ds_config(args, world, name),
     )
+    if args.route == "bind" and name != C.NAIVE:
+        adapter.bind(engine)
     return engine
 
 
@@ -101,13 +110,23 @@ def full_params(engine) -> list[float]:
 def config_errors(args: argparse.Namespace, world: int) -> dict:
     """What the config route says about a misspelt type, and which classes names resolve to."""
     out: dict = {}
-    for typ in ["CLBR", "lbopt.LAMB", "Lamb", "lbopt.Nope"]:
+    cases = {
+        "CLBR": {"lr": 0.01}, "lbopt.LAMB": {"lr": 0.01}, "Lamb": {"lr": 0.01}, "lbopt.Nope": {"lr": 0.01},
+        "LAMB": {"lr": 0.01, "max_coeff": 5.0, "min_coeff": 0.1},  # a DeepSpeed Lamb config with its clip bounds
+        "lamb": {"lr": 0.01, "trust_clip": [0.1, 5.0]},  # lbopt's parameter under DeepSpeed's name: refused
+        "CBLR": {"lr": 0.01},
+    }
+    for typ, params in cases.items():
         cfg = ds_config(args, world, "LAMB")
-        cfg["optimizer"] = {"type": typ, "params": {"lr": 0.01}}
+        cfg["optimizer"] = {"type": typ, "params": params}
         model = C.make_model()
+        init = adapter.initialize if args.route == "initialize" else deepspeed.initialize
         try:
-            engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
-            out[typ] = type(engine.basic_optimizer).__module__ + "." + type(engine.basic_optimizer).__name__
+            engine, _, _, _ = init(model=model, model_parameters=model.parameters(), config=cfg)
+            opt = engine.basic_optimizer
+            out[typ] = f"{type(opt).__module__}.{type(opt).__name__}"
+            if hasattr(opt, "defaults"):  # what the name meant: the hyperparameters that run
+                out[typ + ":defaults"] = {k: opt.defaults.get(k) for k in ("eps", "weight_decay", "trust_clip")}
         except Exception as exc:  # noqa: BLE001  (the message is the result)
             out[typ] = f"{type(exc).__name__}: {exc}"
     return out
@@ -127,8 +146,13 @@ def main() -> None:
     ap.add_argument("--no-ds-check", action="store_true")
     ap.add_argument("--zero-init", action="store_true")
     ap.add_argument("--fp32-grad-accum", action="store_true")
+    ap.add_argument("--route", choices=["initialize", "install", "bind"], default="initialize")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.mode == "install-twice":
+        args.route = "install"
+    if args.route == "install":
+        assert adapter.install(), "install() refused (LBOPT_DEEPSPEED=off?)"
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     stages = [int(s) for s in args.stage.split(",")]
@@ -159,7 +183,9 @@ def run_mode(args: argparse.Namespace, rank: int, world: int) -> dict:
     for name in args.optimizers.split(","):
         engine = make_engine(args, name)
         if rank == 0:
-            print(f"lbopt-test: {name} runs in {type(engine.optimizer).__name__}", flush=True)
+            binding = adapter.binding_of(engine)
+            print(f"lbopt-test: {name} runs in {type(engine.optimizer).__name__}; "
+                  f"bound: {binding.describe() if binding else None}", flush=True)
         if args.mode == "matrix":
             train(engine, range(args.steps), world, rank)
             results[name] = full_params(engine)
@@ -168,6 +194,13 @@ def run_mode(args: argparse.Namespace, rank: int, world: int) -> dict:
             engine.save_checkpoint(os.path.join(args.ckpt, name), tag="t")
             train(engine, range(args.steps, C.STEPS), world, rank)
             results[name] = full_params(engine)
+        elif args.mode == "install-twice":
+            train(engine, range(2), world, rank)
+            at_2 = full_params(engine)
+            steps = [g["step"] for g in engine.basic_optimizer.param_groups]
+            train(engine, range(2, args.steps), world, rank)
+            results[name] = {"wrapper": type(engine.optimizer).__name__, "params_at_2": at_2, "steps": steps,
+                             "params": full_params(engine)}
         elif args.mode == "config-errors":
             results = config_errors(args, world)
             break

@@ -7,11 +7,10 @@ import os
 import sys
 
 import torch
+from lbopt.integrations import deepspeed as adapter
 
-import lbopt  # noqa: F401
-import lbopt._post_import
-
-lbopt._post_import.install_integration_hooks()  # see ds_worker.py
+# The Trainer calls deepspeed.initialize itself: the config route needs the explicit opt-in.
+adapter.install()
 
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
 

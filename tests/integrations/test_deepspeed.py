@@ -70,22 +70,24 @@ def err(values: list[float], name: str) -> float:
 
 
 # --------------------------------------------------------------------------- the matrix
-# (stage, world size, offload_optimizer to CPU, ZeRO-3 sub_group_size, zero.Init). With 2
+# (stage, world size, offload_optimizer to CPU, ZeRO-3 sub_group_size, zero.Init, route). With 2
 # ranks the ZeRO-1/2 partition of the matrices' group cuts through the middle weight matrix;
 # with sub_group_size=100 ZeRO-3 splits each parameter group into several sub-groups;
 # zero.Init hands the optimizer parameters that are already partitioned (HF under ZeRO-3).
+# The route is how the engine is bound (ds_worker.py): lbopt's initialize, install() + the
+# config route, or bind() after a plain deepspeed.initialize with an optimizer object.
 MATRIX = [
-    (0, 2, False, 0, False), (1, 2, False, 0, False),
-    (2, 2, False, 0, False), (2, 2, True, 0, False),
-    (3, 2, False, 0, True), (3, 2, True, 0, False),
-    (3, 4, False, 100, False),
+    (0, 2, False, 0, False, "bind"), (1, 2, False, 0, False, "bind"),
+    (2, 2, False, 0, False, "install"), (2, 2, True, 0, False, "initialize"),
+    (3, 2, False, 0, True, "initialize"), (3, 2, True, 0, False, "install"),
+    (3, 4, False, 100, False, "initialize"),
 ]
 
 
 def _id(case: tuple) -> str:
-    stage, world, offload, sub, zero_init = case
+    stage, world, offload, sub, zero_init, route = case
     return (f"zero{stage}-w{world}" + ("-offload" if offload else "") + (f"-sub{sub}" if sub else "")
-            + ("-zeroinit" if zero_init else ""))
+            + ("-zeroinit" if zero_init else "") + f"-{route}")
 
 
 def check(res: dict, names: list[str], stage: int, label: str) -> None:
@@ -98,16 +100,34 @@ def check(res: dict, names: list[str], stage: int, label: str) -> None:
         assert not naive <= 100 * TOL, f"{label}: the naive LAMB should fail the tolerance, got {naive}"
 
 
+def bound_lines(log: Path) -> dict[str, str]:
+    """``{optimizer name: what the binding says}`` from a worker log (rank 0's lines)."""
+    out = {}
+    for line in log.read_text().splitlines():
+        if line.startswith("lbopt-test: "):
+            name, _, rest = line[len("lbopt-test: "):].partition(" runs in ")
+            out.setdefault(name, rest)
+    return out
+
+
 @pytest.mark.parametrize("case", MATRIX, ids=_id)
 def test_zero_matches_dense(case: tuple, tmp_path: Path) -> None:
-    stage, world, offload, sub, zero_init = case
-    args = ["--stage", str(stage)] + (["--offload"] if offload else []) + (["--zero-init"] if zero_init else [])
-    args += ["--sub-group-size", str(sub)] if sub else []
+    stage, world, offload, sub, zero_init, route = case
+    args = ["--stage", str(stage), "--route", route] + (["--offload"] if offload else [])
+    args += (["--zero-init"] if zero_init else []) + (["--sub-group-size", str(sub)] if sub else [])
     names = list(C.OPTIMIZERS)
     if (stage, offload) in [(2, False), (3, True)]:  # the AdaGrad family: two configurations
         names += list(C.EXTRA_OPTIMIZERS)
         args += ["--optimizers", ",".join([*names, C.NAIVE])]
     check(worker(tmp_path, world, *args), names, stage, _id(case))
+    bound = bound_lines(tmp_path / "run.log")
+    if stage == 0:
+        assert "steps the parameters directly" in bound["LAMB"], bound
+        return
+    for name in names:  # every engine bound, and the binding says to what
+        assert f"lbopt.{name} bound to DeepSpeed" in bound[name] and f"ZeRO stage {stage}" in bound[name], bound
+    # MCLR's median spans both parameter groups: one step over all groups, on the wrapper instance
+    assert "one step over all groups" in bound["MCLR"] and "_optimizer_step" in bound["MCLR"], bound
 
 
 def test_zero_single_rank_matches_dense(tmp_path: Path) -> None:
@@ -162,7 +182,11 @@ def test_universal_checkpoint_other_world_size(saved_zero2) -> None:
     src = tmp / "ckpt" / first / "t"
     run([sys.executable, "-m", "lbopt.integrations.deepspeed", str(src), str(src.parent / "t_universal")],
         tmp / "convert_cli.log")
-    script = "from lbopt.integrations.deepspeed import to_universal\n" + "".join(
+    # ds_to_universal is called as a function: its command-line parser is never consulted
+    script = ("import sys\nimport deepspeed.checkpoint.ds_to_universal as conv\n"
+              "conv.parse_arguments = lambda: sys.exit('lbopt must not drive ds_to_universal through sys.argv')\n"
+              "sys.argv = ['not', 'a', 'converter', 'command', 'line']\n"
+              "from lbopt.integrations.deepspeed import to_universal\n") + "".join(
         f"to_universal({str(tmp / 'ckpt' / n / 't')!r}, {str(tmp / 'ckpt' / n / 't_universal')!r})\n" for n in rest
     )
     run([sys.executable, "-c", script], tmp / "convert.log")
@@ -192,15 +216,42 @@ def test_nonfinite_step_leaves_state_untouched(stage: int, who: str, tmp_path: P
 
 
 # --------------------------------------------------------------------------- config routes
-def test_config_names_and_errors(tmp_path: Path) -> None:
-    res = worker(tmp_path, 1, "--mode", "config-errors", "--stage", "2")
+@pytest.mark.parametrize("route", ["initialize", "install"])
+def test_config_names_and_errors(route: str, tmp_path: Path) -> None:
+    res = worker(tmp_path, 1, "--mode", "config-errors", "--stage", "2", "--route", route)
     assert res["lbopt.LAMB"] == "lbopt.optim.lamb.LAMB"
-    assert res["Lamb"] == "lbopt.optim.lamb.LAMB"  # DeepSpeed's own is "FusedLamb"
+    assert res["lbopt.LAMB:defaults"] == {"eps": 1e-6, "weight_decay": 0.01, "trust_clip": None}
+    # DeepSpeed's own "Lamb" keeps DeepSpeed's meaning: its defaults, max_coeff/min_coeff as the clip bounds
+    assert res["Lamb"] == "lbopt.optim.lamb.LAMB"
+    assert res["Lamb:defaults"] == {"eps": 1e-8, "weight_decay": 0.0, "trust_clip": [0.01, 10.0]}
+    assert res["LAMB:defaults"] == {"eps": 1e-8, "weight_decay": 0.0, "trust_clip": [0.1, 5.0]}
+    assert res["lamb"].startswith("UnsupportedDeepSpeedConfig") and "lbopt.LAMB" in res["lamb"], res["lamb"]
+    assert res["CBLR"] == "lbopt.optim.curvature.CBLR"
     msg = res["CLBR"]
     assert msg.startswith("ValueError") and "'CLBR'" in msg
     for valid in ("CBLR", "LARS", "LAMB", "MCLR", "adamw", "FusedLamb"):
         assert valid in msg, msg
     assert res["lbopt.Nope"].startswith("ValueError") and "CBLR" in res["lbopt.Nope"]
+    log = (tmp_path / "run.log").read_text()  # a log line always says which implementation runs
+    assert "is DeepSpeed's LAMB; it runs as lbopt.LAMB" in log, log[-3000:]
+    assert "config optimizer 'CBLR' runs as lbopt.CBLR" in log
+    assert "lbopt: lbopt.CBLR bound to DeepSpeed" in log
+
+
+def test_install_before_deepspeed_then_bf16_without_zero(tmp_path: Path) -> None:
+    """install() twice before ``import deepspeed``, then bf16 without ZeRO (FP16_UnfusedOptimizer).
+
+    Used to install twice re-entrantly and fail in deepspeed.initialize with
+    ``AttributeError: 'LAMB' object has no attribute 'step'``.
+    """
+    res = worker(tmp_path, 1, "--mode", "install-twice", "--dtype", "bf16", "--stage", "0",
+                 "--optimizers", "LAMB,MCLR")
+    for name in ("LAMB", "MCLR"):
+        assert res[name]["wrapper"] == "FP16_UnfusedOptimizer", res
+        # the wrapper's eager zero-gradient step at construction did not count (2 real steps)
+        assert res[name]["steps"] == [2, 2], res
+        assert err(res[name]["params"], name) > 0 and err(res[name]["params_at_2"], name) > 0
+        assert C.rel_l2(torch.tensor(res[name]["params_at_2"]), C.dense_run(name, steps=2)) < 5e-3, res[name]
 
 
 def test_accelerate_launch_with_deepspeed_config(tmp_path: Path) -> None:
@@ -241,44 +292,64 @@ def test_hf_trainer_deepspeed_config(tmp_path: Path) -> None:
     assert res["loss"] == res["loss"]  # finite
 
 
-def test_import_lbopt_installs_adapter_without_importing_deepspeed() -> None:
-    code = (
-        "import sys, lbopt\n"
-        "assert 'deepspeed' not in sys.modules, 'import lbopt imported deepspeed'\n"
-        "import deepspeed.runtime.engine as e\n"
-        "print(e.is_zero_supported_optimizer.__module__)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=launch_env(), capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == "lbopt.integrations.deepspeed", (
-        "deepspeed imported after lbopt should carry the adapter; lbopt/__init__.py must call "
-        "lbopt._post_import.install_integration_hooks()"
-    )
+UNTOUCHED = """
+import os, sys
+import lbopt
+from lbopt.integrations import deepspeed as adapter
+assert "deepspeed" not in sys.modules, "importing lbopt (or its DeepSpeed adapter) imported deepspeed"
+import deepspeed.runtime.engine as e
+E = e.DeepSpeedEngine
+names = ("_configure_basic_optimizer", "_is_supported_optimizer", "_configure_optimizer")
+before = {n: E.__dict__[n] for n in names}
+assert all(f.__module__ == "deepspeed.runtime.engine" for f in before.values()), "import lbopt patched DeepSpeed"
+os.environ["LBOPT_DEEPSPEED"] = "off"
+assert adapter.install() is False and not adapter.installed()
+assert {n: E.__dict__[n] for n in names} == before, "LBOPT_DEEPSPEED=off must leave DeepSpeed untouched"
+del os.environ["LBOPT_DEEPSPEED"]
+assert adapter.install() is True and adapter.install() is True and adapter.installed()
+wrapped = {n: E.__dict__[n] for n in names}
+assert all(wrapped[n].__lbopt_original__ is before[n] for n in names), "wrapped twice or not at all"
+adapter.uninstall()
+assert {n: E.__dict__[n] for n in names} == before and not adapter.installed()
+print("UNTOUCHED-OK")
+"""
+
+
+def test_deepspeed_untouched_unless_installed() -> None:
+    """``import lbopt`` patches nothing; install() wraps once, uninstall() restores; LBOPT_DEEPSPEED=off opts out."""
+    proc = subprocess.run([sys.executable, "-c", UNTOUCHED], cwd=ROOT, env=launch_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "UNTOUCHED-OK" in proc.stdout, proc.stderr[-3000:]
+
+
+VERSION_CHECK = """
+import pytest
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+from lbopt.integrations.deepspeed import compat
+assert compat.check_deepspeed() == compat.deepspeed_version()
+del DeepSpeedZeroOptimizer._lazy_init_hp_params_optimizer_state  # as if a DeepSpeed release renamed it
+compat.check_deepspeed.cache_clear()
+with pytest.raises(compat.DeepSpeedVersionError) as info:
+    compat.check_deepspeed()
+msg = str(info.value)
+assert f"DeepSpeed {compat.deepspeed_version()}" in msg, msg
+assert "DeepSpeedZeroOptimizer._lazy_init_hp_params_optimizer_state" in msg, msg
+with pytest.raises(compat.DeepSpeedVersionError, match="BF16_Optimizer.fp32_groups_flat_partition"):
+    compat.require(object(), compat.WRAPPERS["BF16_Optimizer"])
+print("VERSION-OK")
+"""
+
+
+def test_missing_deepspeed_internal_is_named_with_the_version() -> None:
+    proc = subprocess.run([sys.executable, "-c", VERSION_CHECK], cwd=ROOT, env=launch_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "VERSION-OK" in proc.stdout, proc.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------- in-process units
-def test_post_import_hook_runs_after_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lbopt import _post_import
-
-    (tmp_path / "lbopt_fake_engine.py").write_text("READY = True\n")
-    (tmp_path / "lbopt_fake_hook.py").write_text(
-        "import sys\nSEEN = []\ndef install():\n    SEEN.append(sys.modules['lbopt_fake_engine'].READY)\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    _post_import.when_imported("lbopt_fake_engine", "lbopt_fake_hook:install")
-    import lbopt_fake_engine  # noqa: F401
-    import lbopt_fake_hook
-
-    assert lbopt_fake_hook.SEEN == [True]
-    _post_import.when_imported("lbopt_fake_engine", "lbopt_fake_hook:install")  # already imported: runs now
-    assert lbopt_fake_hook.SEEN == [True, True]
-    for mod in ("lbopt_fake_engine", "lbopt_fake_hook"):
-        sys.modules.pop(mod, None)
-
-
 def test_unsupported_configurations_are_refused() -> None:
-    from lbopt.integrations.deepspeed import UnsupportedDeepSpeedConfig, _check_supported
+    from lbopt.integrations.deepspeed import UnsupportedDeepSpeedConfig
+    from lbopt.integrations.deepspeed.binding import check_supported
 
     def engine(**kw) -> types.SimpleNamespace:
         base = dict(pipeline_parallelism=False, has_moe_layers=False, mpu=None, zenflow=False,
@@ -286,7 +357,7 @@ def test_unsupported_configurations_are_refused() -> None:
         base.update(kw)
         return types.SimpleNamespace(**base)
 
-    _check_supported(engine())
+    check_supported(engine())
     for kw, word in [
         (dict(pipeline_parallelism=True), "pipeline"),
         (dict(has_moe_layers=True), "Mixture-of-Experts"),
@@ -294,14 +365,29 @@ def test_unsupported_configurations_are_refused() -> None:
         (dict(zero_optimization_stage=lambda: 3, zero_hpz_partition_size=lambda: 2), "hierarchical"),
     ]:
         with pytest.raises(UnsupportedDeepSpeedConfig, match=word):
-            _check_supported(engine(**kw))
+            check_supported(engine(**kw))
 
 
-def test_unknown_tensors_are_not_claimed() -> None:
-    from lbopt.integrations.deepspeed import zero_layout
+def test_layouts_claim_only_their_own_partitions() -> None:
+    """The resolver an engine's binding hands its optimizer knows that engine's tensors, no others."""
+    import copy
+
+    from lbopt.integrations.deepspeed import DeepSpeedLayouts
+    from lbopt.integrations.deepspeed.partitions import Partition
 
     import lbopt
 
     model = C.make_model()
     opt = lbopt.LAMB(model.parameters())
-    assert zero_layout(opt.table, [torch.zeros(10)]) is None
+    flat = torch.zeros(sum(p.numel() for p in model.parameters()))
+    pieces, start = [], 0
+    for p in model.parameters():
+        pieces.append((start, p.numel(), p, 0))
+        start += p.numel()
+    layouts = DeepSpeedLayouts([Partition(flat, lambda: pieces, None, "test partition")])
+    assert layouts(opt.table, [torch.zeros(10)]) is None
+    layout = layouts(opt.table, [flat])
+    assert layout is not None and not layout.sharded and len(layout.segments) == len(pieces)
+    assert DeepSpeedLayouts([])(opt.table, [flat]) is None  # another engine's resolver: not its tensors
+    opt.layout_resolver = layouts
+    assert getattr(copy.deepcopy(opt), "layout_resolver", None) is None  # a copy is bound to no engine
