@@ -17,12 +17,17 @@ if str(RECIPES) not in sys.path:
     sys.path.insert(0, str(RECIPES))
 
 
+def launch(
+    config: str,
+    recipe: str,
+    args: list[str],
+    timeout: float = 300,
+    env: dict[str, str | None] | None = None,
+    launcher_args: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file integrations/accelerate/<config> <launcher_args> recipes/<recipe> <args>``.
 
-
-
-
-def launch(config: str, recipe: str, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """``accelerate launch --config_file integrations/accelerate/<config> recipes/<recipe> <args>``."""
+    ``env`` adds to (or, with a value of None, removes from) the launch environment."""
     cmd = [
         sys.executable,
         "-m",
@@ -31,10 +36,26 @@ def launch(config: str, recipe: str, args: list[str], timeout: float = 300) -> s
         str(ACCELERATE_CONFIGS / config),
         "--main_process_port",
         str(free_port()),
+        *launcher_args,
         str(RECIPES / recipe),
         *args,
     ]
-    return subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
+    full_env = launch_env()
+    for key, value in (env or {}).items():
+        if value is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = value
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def strict_json(path: Path) -> dict:
+    """Parse a JSON file, refusing the NaN / Infinity literals strict parsers reject."""
+
+    def refuse(name: str):
+        raise ValueError(f"{path} holds the non-JSON literal {name}")
+
+    return json.loads(Path(path).read_text(), parse_constant=refuse)
 
 
 def summary_of(proc: subprocess.CompletedProcess, output_dir: Path) -> dict:
