@@ -427,8 +427,8 @@ PRESETS: dict[str, Settings] = {
     "quick": Settings(
         "quick",
         {
-            "cnn": TaskSettings(epochs=40, lrs=3, evals=8, micro_batch=1024, threads=1),
-            "minilm": TaskSettings(epochs=20, lrs=2, evals=8, micro_batch=1024, threads=1),
+            "cnn": TaskSettings(epochs=40, lrs=4, evals=8, micro_batch=1024, threads=1),
+            "minilm": TaskSettings(epochs=20, lrs=3, evals=8, micro_batch=1024, threads=1),
         },
         jobs=2,
         max_seq_length=32,
@@ -601,7 +601,6 @@ def train_run(task: TaskData, method: Method, batch: int, lr: float, seed: int, 
 
         # the LR schedule is laid out for B0 steps and advanced by samples seen / B0
         loop = AdaptiveBatchLoop(model, optimizer, lr_scheduler=scheduler, lr_schedule="samples")
-        loop.controller.config.max_batch_size = min(loop.controller.config.max_batch_size, batch)
         micro_batches = (take(task.train, stream.take(args.per_device_batch_size)) for _ in iter(int, 1))
         steps = loop.steps(micro_batches)
         while run.samples < budget:
@@ -695,6 +694,7 @@ class Row:
     train_s: float
     lrs_tried: list[float]
     seeds: int
+    lr_edge: str = ""  # "high"/"low" when the chosen LR is the largest/smallest tried (the optimum may lie beyond)
 
 
 def first_step_reaching(curves: list[list[dict]], target: float) -> int | None:
@@ -746,6 +746,7 @@ def choose(runs: list[Run], methods: dict[str, Method]) -> list[Row]:
                 train_s=statistics.fmean(r.train_s for r in rs),
                 lrs_tried=sorted(by_lr),
                 seeds=len(rs),
+                lr_edge=("high" if lr == max(by_lr) else "low" if lr == min(by_lr) else "") if len(by_lr) > 1 else "",
             )
         )
     return rows
@@ -828,6 +829,9 @@ def targets(rows: list[Row], batch: int) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 
 
+EDGE_MARK = {"": "", "high": " ↑", "low": " ↓"}
+
+
 def _fmt_steps(v: int | None) -> str:
     return "—" if v is None else str(v)
 
@@ -851,7 +855,8 @@ def markdown(report: dict[str, Any]) -> str:
         "test accuracy of the chosen run is reported"
         + (f" (mean ± std over {len(s['seeds'])} seeds)." if len(s["seeds"]) > 1 else f" (seed {s['seeds'][0]}).")
         + " Steps to ref − 1 pt: first evaluated step (a few evaluations per run) whose test accuracy is within "
-        "1 point of the small-batch reference. Train s: training wall time of the run (evaluations excluded).",
+        "1 point of the small-batch reference. Train s: training wall time of the run (evaluations excluded). "
+        "↑/↓: the chosen LR is the largest/smallest tried (the best LR may lie beyond the grid).",
         "",
     ]
     if report["targets"]:
@@ -889,7 +894,8 @@ def markdown(report: dict[str, Any]) -> str:
         for r in (Row(**d) for d in report["table"] if d["task"] == name):
             std = f" ± {100 * r.test_acc_std:.1f}" if r.seeds > 1 else ""
             lines.append(
-                f"| {r.label} | {_fmt_batch(r)} | {r.lr:.3g} | {r.scaled_lr:.3g} | {100 * r.val_acc:.1f} | "
+                f"| {r.label} | {_fmt_batch(r)} | {r.lr:.3g}{EDGE_MARK[r.lr_edge]} | {r.scaled_lr:.3g} | "
+                f"{100 * r.val_acc:.1f} | "
                 f"{100 * r.test_acc:.1f}{std} | {r.steps} | {r.samples} | {_fmt_steps(r.steps_to_target)} | "
                 f"{r.train_s:.1f} | {', '.join(f'{x:.3g}' for x in r.lrs_tried)} |"
             )
