@@ -63,6 +63,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lbopt.batch import lr_scale
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "recipes"))
 import common  # noqa: E402  (recipes/common.py: the recipes' training code)
@@ -77,7 +79,8 @@ TARGET_GAP = 0.01  # "within 1 point"
 # --------------------------------------------------------------------------------------------
 
 LossReduction = Callable[[torch.Tensor], torch.Tensor]  # per-sample losses -> scalar loss
-BatchSchedule = Callable[[int, int, int], int]  # (step, samples seen, column batch) -> batch of this step
+# (step, samples seen, column batch, samples per epoch) -> batch of this step
+BatchSchedule = Callable[[int, int, int, int], int]
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,26 @@ METHODS: list[Method] = [
     Method("mclr", "MCLR", "mclr", lr_only=True, lr_multipliers=LBOPT_GRID),
     Method("adadagrad", "AdAdaGrad", "adadagrad", adaptive=True, lr_multipliers=LBOPT_GRID),
     Method("adadagradnorm", "AdAdaGradNorm", "adadagradnorm", adaptive=True, lr_multipliers=LBOPT_GRID),
+    # Gao & Zhong's batch-size scheduling with lbopt.BatchSizeSchedule (LAMB, sqrt LR rule at every batch)
+    Method("batch_schedule", "LAMB + batch schedule", "lamb", lr_scaling="sqrt", lr_multipliers=LBOPT_GRID,
+           batch_schedule=lambda step, samples, column, epoch: thirds_schedule(column, epoch).batch_at(step, samples)),
 ]
+
+
+def thirds_schedule(column: int, samples_per_epoch: int, epochs: float | None = None) -> Any:
+    """column/4 for the first third of the epoch budget, column/2 for the second, then the column's batch.
+
+    A :class:`lbopt.BatchSizeSchedule` by epoch (``epochs``: the run's budget; default the quick
+    preset's, read from the module's settings when the run starts).
+    """
+    from lbopt import BatchSizeSchedule
+
+    e = epochs if epochs is not None else _SCHEDULE_EPOCHS.get("epochs", 3.0)
+    plan = f"0:{column // 4},{e / 3:.6g}:{column // 2},{2 * e / 3:.6g}:{column}"
+    return BatchSizeSchedule(plan, micro_batch_size=1, world_size=1, samples_per_epoch=samples_per_epoch)
+
+
+_SCHEDULE_EPOCHS: dict[str, float] = {}  # the epoch budget of the run in progress (set by train_run)
 
 
 def register_method(method: Method) -> None:
@@ -578,6 +600,12 @@ def train_run(task: TaskData, method: Method, batch: int, lr: float, seed: int, 
     budget = math.ceil(ts.epochs * task.n_train)
     initial = args.global_batch_size
     planned = max(1, math.ceil(budget / initial))  # steps at the initial batch
+    if method.batch_schedule is not None:  # the LR schedule spans the steps the batch schedule takes
+        _SCHEDULE_EPOCHS["epochs"] = ts.epochs
+        planned, seen = 0, 0
+        while seen < budget:
+            seen += method.batch_schedule(planned, seen, batch, task.n_train)
+            planned += 1
     torch.manual_seed(seed)
     model = task.make_model()
     model.train()
@@ -618,7 +646,7 @@ def train_run(task: TaskData, method: Method, batch: int, lr: float, seed: int, 
     else:
         while run.samples < budget:
             t0 = time.perf_counter()
-            b = method.batch_schedule(run.steps, run.samples, batch) if method.batch_schedule else batch
+            b = method.batch_schedule(run.steps, run.samples, batch, task.n_train) if method.batch_schedule else batch
             idx = stream.take(b)
             chunks = idx.split(args.per_device_batch_size)
             for chunk in chunks:
@@ -626,7 +654,14 @@ def train_run(task: TaskData, method: Method, batch: int, lr: float, seed: int, 
                 loss.backward()
             if args.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            # a scheduled batch keeps the method's LR rule at every batch: lr·(b/B0)^p = scaled·(b/batch)^p
+            factor = lr_scale(b, batch, method.lr_scaling) if method.batch_schedule else 1.0
+            saved = [g["lr"] for g in optimizer.param_groups]
+            for g in optimizer.param_groups:
+                g["lr"] = g["lr"] * factor
             optimizer.step()
+            for g, lr_g in zip(optimizer.param_groups, saved):
+                g["lr"] = lr_g
             optimizer.zero_grad()
             scheduler.step()
             train_s += time.perf_counter() - t0
