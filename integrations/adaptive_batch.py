@@ -277,7 +277,8 @@ class AdaptiveBatchLoop:
             self.controller.attach(model)
         if self.engine is not None:
             attach_deepspeed(self.engine, self.controller)
-        if accelerator is not None and getattr(accelerator, "gradient_accumulation_steps", 1) != 1:
+        accumulating = getattr(accelerator, "gradient_accumulation_steps", 1) != 1
+        if self.engine is None and accelerator is not None and accumulating:  # (the DeepSpeed route ignores it)
             raise ValueError(
                 f"Invalid accelerator: gradient_accumulation_steps={accelerator.gradient_accumulation_steps}; "
                 "AdaptiveBatchLoop accumulates itself, create the Accelerator with gradient_accumulation_steps=1"

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from lbopt.batch.controller import BatchSizeController
 from lbopt.layout import LayerTable, Layout
-from lbopt.optim.base import ExcludeSpec, LayerwiseOptimizer, StepPlan
+from lbopt.optim.base import ExcludeSpec, LayerwiseOptimizer, StepPlan, full_shape
 from lbopt.stats import Quantity, dot, sq_norm
 from lbopt.validation import check_range
 
@@ -63,7 +63,8 @@ def dense_from_segments(table: LayerTable, layout: Layout, seg_views: list[torch
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=layout.process_group)
     if device is not None:
         flat = flat.to(device)
-    return [flat[offsets[i]:offsets[i + 1]].view(r.shape) for i, r in enumerate(table.params)]
+    shapes = [full_shape(p) for p in table.originals]  # type: ignore[attr-defined]
+    return [flat[offsets[i]:offsets[i + 1]].view(shapes[i]) for i in range(len(table.params))]
 
 
 def segments_of_dense(table: LayerTable, layout: Layout, dense: dict[int, torch.Tensor],
