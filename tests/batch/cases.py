@@ -70,3 +70,7 @@ def dense_run(case: Case, steps: int = STEPS, world_size: int = 2) -> dict[str, 
 
 def to_cpu(flat: torch.Tensor) -> torch.Tensor:
     return flat.detach().cpu().clone()
+
+
+def grew(sizes: list[int]) -> bool:
+    return sizes[-1] > sizes[0]
