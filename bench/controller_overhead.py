@@ -97,11 +97,14 @@ def zero2_rows(args: argparse.Namespace) -> None:
     ctrl_kw = dict(initial_batch_size=batch, max_batch_size=batch, micro_batch_size=MICRO, world_size=world)
 
     def engine(kind: str, params: dict) -> tuple[Any, Any]:
+        import lbopt.optim.adagrad as ada
+
         model = Logits(make_model())
         cfg = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": ACCUM,
                "gradient_clipping": 0.0, "zero_optimization": {"stage": 2}, "steps_per_print": 10**9,
-               "zero_force_ds_cpu_optimizer": False, "optimizer": {"type": "lbopt." + kind, "params": params}}
-        eng, *_ = adapter.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+               "zero_force_ds_cpu_optimizer": False}
+        optimizer = getattr(ada, kind)(model.parameters(), **params)
+        eng, *_ = adapter.initialize(model=model, optimizer=optimizer, config=cfg)
         return eng, model
 
     variants: dict[str, tuple[Any, str]] = {
