@@ -41,7 +41,7 @@ from lbopt.batch import BatchSizeController, PerSampleGradients
 from lbopt.optim.adagrad import AdAdaGradNorm, AdaGradNorm
 
 MICRO, ACCUM, SEQ, LABELS = 8, 4, 64, 4
-LAYERS = 6
+LAYERS, VOCAB = 6, 30522
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -49,7 +49,7 @@ def make_model(seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     cfg = BertConfig(
-        vocab_size=30522, hidden_size=384, num_hidden_layers=LAYERS, num_attention_heads=12, intermediate_size=1536,
+        vocab_size=VOCAB, hidden_size=384, num_hidden_layers=LAYERS, num_attention_heads=12, intermediate_size=1536,
         num_labels=LABELS, attn_implementation="eager", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
     return BertForSequenceClassification(cfg)
@@ -68,7 +68,7 @@ class Logits(nn.Module):
 
 def data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(step)
-    ids = torch.randint(0, 30522, (MICRO * ACCUM, SEQ), generator=g)
+    ids = torch.randint(0, VOCAB, (MICRO * ACCUM, SEQ), generator=g)
     return ids, torch.randint(0, LABELS, (MICRO * ACCUM,), generator=g)
 
 
@@ -160,9 +160,10 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--zero2", action="store_true", help="per-test rows under DeepSpeed ZeRO-2 (launch with torchrun)")
     ap.add_argument("--layers", type=int, default=6, help="BERT layers (smaller: a quicker run)")
+    ap.add_argument("--vocab", type=int, default=30522, help="vocabulary size (smaller: less memory per engine)")
     args = ap.parse_args()
-    global LAYERS
-    LAYERS = args.layers
+    global LAYERS, VOCAB
+    LAYERS, VOCAB = args.layers, args.vocab
     if args.zero2:
         zero2_rows(args)
         return
