@@ -63,7 +63,19 @@ def parse_batch_schedule(text: str) -> tuple[str, list[tuple[float, int]]]:
                 f"{'epoch (a number)' if by == 'epoch' else 'optimizer step (an integer)'} and BATCH an integer"
             ) from None
         entries.append((at, batch))
+    check_entries(text, by, entries)
     return by, entries
+
+
+def check_entries(schedule: Any, by: str, entries: Sequence[tuple[float, int]]) -> None:
+    """The first start is 0, starts increase, step starts are integers (ValueError naming the schedule)."""
+    if not entries or entries[0][0] != 0:
+        raise ValueError(f"Invalid batch schedule {schedule!r}: the first entry must start at 0 (e.g. '0:256,...')")
+    for (a0, _), (a1, _) in zip(entries, entries[1:]):
+        if not a1 > a0:
+            raise ValueError(f"Invalid batch schedule {schedule!r}: starts must increase ({a0} then {a1})")
+    if by == "step" and any(not float(a).is_integer() for a, _ in entries):
+        raise ValueError(f"Invalid batch schedule {schedule!r}: step starts must be integers")
 
 
 @dataclass
@@ -115,13 +127,7 @@ class BatchSizeSchedule(BatchSizePolicy):
             world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         check_int("world_size", world_size)
         check_choice("lr_coupling", lr_coupling, tuple(LR_RULES))
-        if not entries or entries[0][0] != 0:
-            raise ValueError(f"Invalid batch schedule {schedule!r}: the first entry must start at 0 (e.g. '0:256,...')")
-        for (a0, _), (a1, _) in zip(entries, entries[1:]):
-            if not a1 > a0:
-                raise ValueError(f"Invalid batch schedule {schedule!r}: starts must increase ({a0} then {a1})")
-        if by == "step" and any(not float(a).is_integer() for a, _ in entries):
-            raise ValueError(f"Invalid batch schedule {schedule!r}: step starts must be integers")
+        check_entries(schedule, by, entries)
         if by == "epoch":
             if samples_per_epoch is None:
                 raise ValueError(
