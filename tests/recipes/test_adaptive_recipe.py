@@ -27,7 +27,7 @@ def test_classification_adadagradnorm_batch_grows_ddp(tmp_path):
     out = tmp_path / "ada"
     args = [*TINY, *ADA, "--optimizer", "adadagradnorm", "--max_steps", "5", "--report_to", "tensorboard",
             "--no_final_checkpoint", "--output_dir", str(out)]
-    s = summary_of(launch("cpu.yaml", "classification.py", args), out)
+    s = summary_of(launch("cpu.yaml", "classification.py", args, timeout=900), out)
     assert (s["deepspeed"], s["world_size"], s["steps"]) == (False, 2, 5)
     sizes = _sizes(s)
     assert [step for step, _ in s["batch_size_trajectory"]] == [1, 2, 3, 4, 5]
@@ -48,7 +48,7 @@ def test_adaptive_batch_grows_under_deepspeed(tmp_path, config, stage, optimizer
     out = tmp_path / "ds"
     args = [*TINY, *ADA, "--optimizer", optimizer, "--max_steps", "4", "--no_final_checkpoint"]
     args += ["--output_dir", str(out)]
-    s = summary_of(launch(config, "classification.py", args), out)
+    s = summary_of(launch(config, "classification.py", args, timeout=900), out)
     assert (s["deepspeed"], s["zero_stage"], s["world_size"], s["steps"]) == (True, stage, 2, 4)
     sizes = _sizes(s)
     assert sizes[0] == 16 and max(sizes) > 16 and all(b % 8 == 0 and b <= 48 for b in sizes), sizes
@@ -60,10 +60,10 @@ def _resume_pair(tmp_path, config: str, args: list[str], at: int) -> tuple[dict,
     """An uninterrupted run (checkpoint every ``at`` steps) and one resumed from its step ``at``."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     s = summary_of(launch(config, "classification.py", [*args, "--checkpoint_steps", str(at),
-                                                        "--output_dir", str(full)]), full)
+                                                        "--output_dir", str(full)], timeout=900), full)
     ckpt = full / "checkpoints" / f"step_{at}"
     proc = launch(config, "classification.py", [*args, "--output_dir", str(resumed),
-                                               "--resume_from_checkpoint", str(ckpt)])
+                                               "--resume_from_checkpoint", str(ckpt)], timeout=900)
     r = summary_of(proc, resumed)
     assert f"at step {at}" in proc.stdout
     return s, r
@@ -101,7 +101,7 @@ def test_batch_schedule_by_epoch_zero2(tmp_path):
     out = tmp_path / "sched"
     args = [*TINY, "--optimizer", "lamb", "--lr", "1e-3", "--lr_scaling", "linear", "--max_train_samples", "64",
             "--batch_schedule", "0:16,1:32", "--num_epochs", "2", "--no_final_checkpoint", "--output_dir", str(out)]
-    s = summary_of(launch("deepspeed_zero2.yaml", "classification.py", args), out)
+    s = summary_of(launch("deepspeed_zero2.yaml", "classification.py", args, timeout=900), out)
     assert (s["deepspeed"], s["zero_stage"]) == (True, 2)
     assert _sizes(s) == [16, 16, 16, 16, 32, 32]
     assert (s["steps"], s["planned_steps"], s["samples"]) == (6, 6, 128)
