@@ -61,7 +61,7 @@ class Task:
     name: str
     default_model: str
     default_dataset: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
+    add_arguments: Callable[[Any], None]  # (argument group of the parser) -> None: the task's own options
     # (args) -> DatasetDict; raise ValueError for user errors (reported as one line)
     load_data: Callable[[argparse.Namespace], Any]
     # (args, raw DatasetDict) -> (model, tokenizer, train Dataset, eval Dataset, collate_fn)
