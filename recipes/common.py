@@ -2,10 +2,18 @@
 
 A recipe (``classification.py``, ``causal_lm.py``) supplies a :class:`Task` (how to load its
 data, build its model, batch and evaluate) and calls :func:`main`. Everything that can be wrong
-with the command line -- an unknown optimizer, a global batch that does not split into
-micro-batch x accumulation x world size, a missing column, an unreadable config file -- is
-checked by :func:`parse_args` *before* any process group or ``Accelerator`` exists, and reported
-as one line (``SystemExit``).
+with the input -- an unknown optimizer, a global batch that does not split into micro-batch x
+accumulation x world size, a number out of range, optimizer arguments the optimizer does not
+take, empty or unseen labels, a missing model or column, an unwritable output folder, a resume
+target that is not a complete checkpoint of this run's kind -- is checked by :func:`parse_args`
+*before* any process group or ``Accelerator`` exists, and reported as one line (``SystemExit``).
+
+:func:`main` is ``parse_args`` -> :func:`setup_run` (a :class:`Run`: accelerator, model,
+optimizer, data, resumed state) -> :func:`make_step_runner` (one :class:`StepRunner` per
+training mode: :class:`FixedBatchRunner`, :class:`AdaptiveBatchRunner`) -> :func:`train` ->
+final checkpoint and model -> :func:`build_summary` / :func:`write_outputs`. A per-step feature
+plugs in as ``Run.compute_loss`` (the loss of one micro-batch), a step runner (how a step's
+batch is formed), or a ``Run.step_hooks`` entry (after every step).
 
 Global batch B, world size W, micro-batch m and accumulation a satisfy B = m * a * W exactly; every
 optimizer step sees exactly B samples (micro-batches stream across epoch boundaries, so no step is
@@ -53,7 +61,7 @@ class Task:
     name: str
     default_model: str
     default_dataset: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
+    add_arguments: Callable[[Any], None]  # (argument group of the parser) -> None: the task's own options
     # (args) -> DatasetDict; raise ValueError for user errors (reported as one line)
     load_data: Callable[[argparse.Namespace], Any]
     # (args, raw DatasetDict) -> (model, tokenizer, train Dataset, eval Dataset, collate_fn)
@@ -68,6 +76,14 @@ class Task:
 # --------------------------------------------------------------------------------------------
 # arguments and validation (no process group exists yet)
 # --------------------------------------------------------------------------------------------
+
+
+def _env_seconds(name: str, default: float) -> float:
+    """A number of seconds from the environment, or ``default`` when unset or not a number."""
+    try:
+        return float(os.environ[name])
+    except (KeyError, ValueError):
+        return default
 
 
 def build_parser(task: Task) -> argparse.ArgumentParser:
@@ -183,9 +199,10 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     safety.add_argument(
         "--startup_timeout_s",
         type=float,
-        default=300.0,
+        default=_env_seconds("LBOPT_STARTUP_TIMEOUT_S", 300.0),
         help="end the launch with the stage's name and stacks when a start-up stage (process group, model "
-        "load, engine set-up, resume, first step) takes longer than this (0: no watchdog)",
+        "load, engine set-up, resume, first step) takes longer than this (0: no watchdog; the default "
+        "comes from LBOPT_STARTUP_TIMEOUT_S when set)",
     )
     safety.add_argument(
         "--extension_lock_timeout_s",
