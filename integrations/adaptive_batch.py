@@ -14,15 +14,17 @@ loader is never rebuilt:
   count follows the controller (a callback alone cannot: the Trainer's inner loop decides
   when to step from ``step % gradient_accumulation_steps``; the subclass changes the count
   only where that stays aligned with the micro-batches actually fetched).
-- :func:`attach_deepspeed` / :func:`deepspeed_steps`: ``engine.set_train_batch_size`` on
-  every change, and a loop that marks accumulation boundaries explicitly (DeepSpeed's own
-  boundary test counts micro-steps modulo the *current* accumulation count, which would
-  misalign after a change).
+- under DeepSpeed, :class:`AdaptiveBatchLoop` drives the engine itself; the bare-DeepSpeed
+  pieces :func:`attach_deepspeed` / :func:`deepspeed_steps` live in DeepSpeed's adapter
+  (:mod:`lbopt.integrations.deepspeed.batch`) and are re-exported here.
 
 LR schedules: with ``lr_schedule="samples"`` (default) the scheduler advances by
 ``samples_seen / initial_batch_size`` (one tick per initial batch worth of data), so a
 schedule written for the initial batch spans the same data whatever the batch grows to;
 ``"steps"`` ticks once per optimizer step.
+
+Every route takes any batch-size *policy*: the adaptive :class:`lbopt.BatchSizeController` or
+the planned :class:`lbopt.BatchSizeSchedule` (``--batch_schedule`` in the recipes).
 
 Engines are imported lazily: importing this module imports neither Accelerate,
 Transformers nor DeepSpeed.
@@ -37,6 +39,8 @@ from typing import Any
 import torch
 
 from lbopt.batch.controller import BatchSizeController
+from lbopt.batch.policy import BatchSizePolicy
+from lbopt.batch.schedule import BatchSizeSchedule
 
 __all__ = [
     "AdaptiveBatchLoop",
@@ -46,7 +50,9 @@ __all__ = [
     "attach_deepspeed",
     "batch_len",
     "controller_of",
-    "deepspeed_steps",
+    "deepspeed_steps",  # noqa: F822 (from lbopt.integrations.deepspeed.batch, by __getattr__)
+    "set_max_grad_norm",
+    "step_policy",
 ]
 
 LR_SCHEDULES = ("samples", "steps")
@@ -65,8 +71,8 @@ def batch_len(batch: Any) -> int:
     raise TypeError(f"cannot tell the number of samples of a batch of type {type(batch).__name__}")
 
 
-def controller_of(optimizer: Any, controller: BatchSizeController | None = None) -> BatchSizeController:
-    """``controller`` or the optimizer's own ``batch_controller`` (unwrapping engine wrappers)."""
+def controller_of(optimizer: Any, controller: BatchSizePolicy | None = None) -> BatchSizePolicy:
+    """``controller`` (any batch-size policy) or the optimizer's own ``batch_controller`` (unwrapping wrappers)."""
     if controller is not None:
         return controller
     opt = optimizer
@@ -79,11 +85,11 @@ def controller_of(optimizer: Any, controller: BatchSizeController | None = None)
             break
     raise ValueError(
         "Invalid controller: None and the optimizer has no batch_controller; pass "
-        "controller=BatchSizeController(...) or use lbopt.AdAdaGrad/AdAdaGradNorm"
+        "controller=BatchSizeController(...) / BatchSizeSchedule(...), or use lbopt.AdAdaGrad/AdAdaGradNorm"
     )
 
 
-def _owns(optimizer: Any, controller: BatchSizeController) -> bool:
+def _owns(optimizer: Any, controller: BatchSizePolicy) -> bool:
     """True when ``optimizer.step()`` already runs ``controller.step()`` (lbopt AdAdaGrad*)."""
     opt = optimizer
     for _ in range(4):
@@ -95,7 +101,43 @@ def _owns(optimizer: Any, controller: BatchSizeController) -> bool:
     return False
 
 
-def adaptive_steps(micro_batches: Iterable[Any], controller: BatchSizeController) -> Iterator[list[Any]]:
+def _base_optimizer(optimizer: Any, controller: BatchSizePolicy) -> Any:
+    """The (possibly wrapped) optimizer that owns ``controller``, or None."""
+    opt = optimizer
+    for _ in range(4):
+        if opt is None:
+            return None
+        if getattr(opt, "batch_controller", None) is controller:
+            return opt
+        opt = getattr(opt, "optimizer", None)
+    return None
+
+
+def set_max_grad_norm(optimizer: Any, controller: BatchSizePolicy, max_grad_norm: float | None) -> None:
+    """Hand clipping to the lbopt optimizer that owns ``controller`` (it clips the applied gradient
+    and feeds the controller the unclipped norm); refuses a conflicting value."""
+    if max_grad_norm is None or max_grad_norm <= 0:
+        return
+    base = _base_optimizer(optimizer, controller)
+    if base is None:
+        raise ValueError("Invalid max_grad_norm: the optimizer does not own the controller; clip in the loop instead")
+    if base.max_grad_norm is not None and base.max_grad_norm != max_grad_norm:
+        raise ValueError(
+            f"Invalid max_grad_norm: {max_grad_norm}, but the optimizer was built with max_grad_norm="
+            f"{base.max_grad_norm}; pass one of them"
+        )
+    base.max_grad_norm = float(max_grad_norm)
+
+
+def step_policy(controller: BatchSizePolicy, samples: int, grad_sq_norm: float | None = None) -> None:
+    """Close one optimizer step for a policy the optimizer does not step itself."""
+    if isinstance(controller, BatchSizeSchedule):
+        controller.step(samples=samples)
+    else:
+        controller.step(grad_sq_norm=grad_sq_norm)  # type: ignore[call-arg]
+
+
+def adaptive_steps(micro_batches: Iterable[Any], controller: BatchSizePolicy) -> Iterator[list[Any]]:
     """Group ``micro_batches`` into optimizer steps of ``controller.accumulation_steps`` each.
 
     The count is read when a step starts, so a change made by the previous optimizer step
@@ -143,6 +185,7 @@ class AdaptiveStep:
         self.loop, self.micro = loop, micro
         self.samples = sum(batch_len(b) for b in micro)
         self.finished = False
+        self.index = 0
 
     def __len__(self) -> int:
         return len(self.micro)
@@ -150,13 +193,25 @@ class AdaptiveStep:
     def __iter__(self) -> Iterator[Any]:
         n = len(self.micro)
         for i, mb in enumerate(self.micro):
-            ctx = contextlib.nullcontext() if i == n - 1 else self.loop._no_sync()
+            self.index = i
+            last = i == n - 1
+            ctx = contextlib.nullcontext() if last or self.loop.engine is not None else self.loop._no_sync()
             with ctx:
                 yield mb
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backward of one micro-batch's mean loss, divided by this step's micro-batch count."""
+        """Backward of one micro-batch's mean loss, divided by this step's micro-batch count.
+
+        Under DeepSpeed: the engine's backward with the accumulation boundary marked on the
+        step's last micro-batch, then ``engine.step()`` (which steps the optimizer there).
+        """
         scaled = loss / len(self.micro)
+        engine = self.loop.engine
+        if engine is not None:
+            engine.set_gradient_accumulation_boundary(self.index == len(self.micro) - 1)
+            engine.backward(scaled, scale_wrt_gas=False)
+            engine.step()
+            return
         if self.loop.accelerator is not None:
             self.loop.accelerator.backward(scaled)
         else:
@@ -182,34 +237,54 @@ class AdaptiveBatchLoop:
                     step.backward(loss_fn(model(batch)))
                 step.finish()                               # optional: done automatically
 
+    ``controller``: any batch-size policy — a :class:`BatchSizeController` (default: the
+    optimizer's own, lbopt AdAdaGrad*) or a :class:`BatchSizeSchedule`.
     ``train_dataloader`` yields micro-batches of ``controller.config.micro_batch_size`` per
     rank (under Accelerate: the prepared loader). The accelerator must not accumulate by
-    itself (``gradient_accumulation_steps=1``): the loop does. Counters
-    ``optimizer_steps``, ``samples_seen`` (global), ``epoch_samples`` and ``batch_sizes``
-    (global samples of every step) are for logging and tests.
+    itself (``gradient_accumulation_steps=1``): the loop does. Under DeepSpeed (the model is
+    a ``DeepSpeedEngine``, e.g. from ``accelerator.prepare``) the loop drives the engine:
+    ``set_train_batch_size`` on every change, explicit accumulation boundaries.
+
+    ``max_grad_norm``: with an optimizer that owns the controller it is handed to the
+    optimizer (clip the applied gradient, measure noise unclipped); otherwise the loop clips
+    and passes the pre-clip norm to the controller. Engine clipping must stay off.
+    Counters ``optimizer_steps``, ``samples_seen`` (global), ``epoch_samples`` and
+    ``batch_sizes`` (global samples of every step) are for logging and tests;
+    :meth:`state_dict` / :meth:`load_state_dict` carry them (the policy's own state travels
+    with it or with the optimizer).
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        controller: BatchSizeController | None = None,
+        controller: BatchSizePolicy | None = None,
         *,
         accelerator: Any = None,
         lr_scheduler: Any = None,
         lr_schedule: str = "samples",
+        max_grad_norm: float | None = None,
     ) -> None:
         self.model, self.optimizer, self.accelerator = model, optimizer, accelerator
-        self.controller = controller_of(optimizer, controller)
-        self.owned = _owns(optimizer, self.controller)
-        if not self.owned:
+        self.engine = _deepspeed_engine(model)
+        base = self.engine.basic_optimizer if self.engine is not None else optimizer
+        self.controller = controller_of(base, controller)
+        self.owned = _owns(base, self.controller)
+        self.max_grad_norm = max_grad_norm if max_grad_norm and max_grad_norm > 0 else None
+        if self.owned:
+            set_max_grad_norm(base, self.controller, self.max_grad_norm)
+        elif self.controller.owns_gradients:
             self.controller.attach(model)
-        if accelerator is not None and getattr(accelerator, "gradient_accumulation_steps", 1) != 1:
+        if self.engine is not None:
+            attach_deepspeed(self.engine, self.controller)
+        accumulating = getattr(accelerator, "gradient_accumulation_steps", 1) != 1
+        if self.engine is None and accelerator is not None and accumulating:  # (the DeepSpeed route ignores it)
             raise ValueError(
                 f"Invalid accelerator: gradient_accumulation_steps={accelerator.gradient_accumulation_steps}; "
                 "AdaptiveBatchLoop accumulates itself, create the Accelerator with gradient_accumulation_steps=1"
             )
         world = accelerator.num_processes if accelerator is not None else (
+            self.engine.dp_world_size if self.engine is not None else
             torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         )
         if world != self.controller.config.world_size:
@@ -244,39 +319,97 @@ class AdaptiveBatchLoop:
 
     def _finish(self, step: AdaptiveStep) -> None:
         ctrl = self.controller
-        with ctrl.scaled_lr(self.optimizer) if not self.owned else contextlib.nullcontext():
-            self.optimizer.step()
-        if not self.owned:
-            ctrl.step()
         samples = step.samples * self.world
+        if self.engine is None:
+            grad_sq_norm = self._clip() if not self.owned else None
+            with ctrl.scaled_lr(self.optimizer) if not self.owned else contextlib.nullcontext():
+                self.optimizer.step()
+            if not self.owned:
+                step_policy(ctrl, samples, grad_sq_norm)
+            self.optimizer.zero_grad()
+        elif not self.owned:  # the engine stepped in the last backward; a schedule follows the data
+            step_policy(ctrl, samples)
         self.samples_seen += samples
         self.epoch_samples += samples
         self.batch_sizes.append(samples)
         self.optimizer_steps += 1
         self.schedule.after_step(self.samples_seen)
-        self.optimizer.zero_grad()
+
+    def _clip(self) -> float | None:
+        """Clip for optimizers that do not own the controller; return the pre-clip ``‖g‖²``."""
+        if self.max_grad_norm is None:
+            return None
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.accelerator is not None:
+            total = self.accelerator.clip_grad_norm_(params, self.max_grad_norm)
+        else:
+            total = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        return float(total) ** 2
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and the LR-schedule ticks (for ``accelerator.register_for_checkpointing``)."""
+        return {"optimizer_steps": self.optimizer_steps, "samples_seen": self.samples_seen,
+                "batch_sizes": list(self.batch_sizes), "ticks": self.schedule.ticks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer_steps = int(state["optimizer_steps"])
+        self.samples_seen = int(state["samples_seen"])
+        self.batch_sizes = list(state["batch_sizes"])
+        self.schedule.ticks = int(state["ticks"])
+
+
+def _deepspeed_engine(model: Any) -> Any:
+    """The DeepSpeed engine when ``model`` is one (Accelerate's prepared model under DeepSpeed), else None."""
+    cls = type(model)
+    if any(c.__name__ == "DeepSpeedEngine" and c.__module__.startswith("deepspeed.") for c in cls.__mro__):
+        return model
+    return None
 
 
 # --------------------------------------------------------------------------- HF Trainer
 def _make_trainer_class() -> type:
     from transformers import Trainer, TrainerCallback
+    from transformers.trainer_callback import ExportableState
 
-    class _Callback(TrainerCallback):
+    class _AdaptiveBatchState(TrainerCallback, ExportableState):
+        """Counts samples, steps policies the optimizer does not own, and saves the data position."""
+
         def __init__(self, trainer: Any) -> None:
             self.trainer = trainer
 
+        def state(self) -> dict:  # saved in trainer_state.json with every checkpoint
+            t = self.trainer
+            schedule = getattr(t, "_schedule", None)
+            return {"args": {}, "attributes": {
+                "epoch_index": t._epoch_index, "micro_in_epoch": t._micro_in_epoch, "samples_seen": t.samples_seen,
+                "accumulation": t.args.gradient_accumulation_steps, "ticks": schedule.ticks if schedule else 0,
+                "policy": None if t._owned() else _jsonable(t.batch_controller.state_dict()),
+            }}
+
         def on_epoch_begin(self, args, state, control, **kwargs):  # noqa: D102
-            self.trainer._micro_in_epoch = 0
+            t = self.trainer
+            t._epoch_index += 1
+            t._micro_in_epoch, t._resume_micro = t._resume_micro or 0, None
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):  # noqa: D102
             t = self.trainer
             t._step_samples.append(t._pending_samples)
             t._pending_samples = 0
+            if not t._owned():  # LR coupling of a policy the optimizer does not apply itself
+                t._saved_lrs = [g["lr"] for g in t.optimizer.param_groups]
+                for g in t.optimizer.param_groups:
+                    g["lr"] = g["lr"] * t.batch_controller.lr_factor
+
+        def on_optimizer_step(self, args, state, control, **kwargs):  # noqa: D102
+            t = self.trainer
+            if not t._owned():  # gradients are still there (zero_grad comes later); the norm is pre-clip
+                for g, lr in zip(t.optimizer.param_groups, t._saved_lrs):
+                    g["lr"] = lr
+                sq = None if t._pre_clip_norm is None else float(t._pre_clip_norm) ** 2
+                step_policy(t.batch_controller, t._step_samples[-1], sq)
 
         def on_step_end(self, args, state, control, **kwargs):  # noqa: D102
             t = self.trainer
-            if not _owns(t.optimizer, t.batch_controller):
-                t.batch_controller.step()
             samples = t._step_samples[-1] if t._step_samples else 0
             t.samples_seen += samples
             if t.lr_schedule == "samples" and t.lr_scheduler is not None:
@@ -296,25 +429,43 @@ def _make_trainer_class() -> type:
         (global samples of every optimizer step) are recorded; the controller's figures go
         into the Trainer's logs (``batch/size``, ``batch/required``, ``batch/variance``...).
 
-        Limits: resuming from a checkpoint *mid-epoch* restores the controller (it is in the
-        AdAdaGrad optimizer's state) but the Trainer skips ``global_step × accumulation``
-        micro-batches of the epoch as if the count had been constant; resume at epoch
-        boundaries for an exact data order. Under DeepSpeed use :func:`deepspeed_steps`.
+        ``batch_controller`` may be any policy (a :class:`BatchSizeSchedule` too); one the
+        optimizer does not own is stepped after each optimizer step with the pre-clip
+        gradient norm, and its ``lr_factor`` scales the groups' LR during the step.
+        ``args.max_grad_norm`` with an lbopt AdAdaGrad* optimizer moves into the optimizer
+        (clip the applied gradient, measure noise unclipped) and the Trainer stops clipping.
+
+        Resume (also mid-epoch) reproduces the uninterrupted run: the micro-batches consumed
+        in the epoch, the accumulation count, the sample counters and a non-owned policy's
+        state are saved in ``trainer_state.json`` and restored; the Trainer then skips exactly
+        those micro-batches (not ``global_step × accumulation``). Not under DeepSpeed
+        (refused; use :class:`AdaptiveBatchLoop`).
         """
 
-        def __init__(self, *args: Any, batch_controller: BatchSizeController | None = None,
+        def __init__(self, *args: Any, batch_controller: BatchSizePolicy | None = None,
                      lr_schedule: str = "samples", **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            if self.is_deepspeed_enabled:
+                raise ValueError(
+                    "AdaptiveBatchTrainer does not support DeepSpeed (the Trainer's accumulation bookkeeping cannot "
+                    "follow a changing batch through the engine); use lbopt.integrations.adaptive_batch."
+                    "AdaptiveBatchLoop with accelerate's DeepSpeed plugin, or the recipes with a ZeRO config"
+                )
+            self._resume_micro: int | None = None
+            self._pre_clip_norm: float | None = None
             self._given_controller = batch_controller
             self.lr_schedule = lr_schedule
             if lr_schedule not in LR_SCHEDULES:
                 raise ValueError(f"Invalid lr_schedule: {lr_schedule!r}; expected one of {LR_SCHEDULES}")
             self._micro_in_epoch = 0
+            self._resume_micro = None
             self._pending_samples = 0
             self._step_samples: list[int] = []
             self.samples_seen = 0
             self._world = self.args.world_size
-            self.add_callback(_Callback(self))
+            self._epoch_index = -1
+            self._pending_ticks: int | None = None
+            self.add_callback(_AdaptiveBatchState(self))
             if self.optimizer is not None or batch_controller is not None:
                 # Before train() sizes the epoch: the first steps use the initial batch.
                 self.args.gradient_accumulation_steps = self.batch_controller.accumulation_steps
@@ -324,8 +475,47 @@ def _make_trainer_class() -> type:
             return self._step_samples
 
         @property
-        def batch_controller(self) -> BatchSizeController:
+        def batch_controller(self) -> BatchSizePolicy:
             return controller_of(self.optimizer, self._given_controller)
+
+        def _owned(self) -> bool:
+            return _owns(self.optimizer, self.batch_controller)
+
+        def _get_grad_norm(self, model, grad_norm=None):  # noqa: D102 - remember the pre-clip norm
+            out = super()._get_grad_norm(model, grad_norm=grad_norm)
+            self._pre_clip_norm = None if out is None else float(out)
+            return out
+
+        def _load_callback_state(self) -> None:  # noqa: D102 - ours is restored by _init_training_state
+            saved = self.state.stateful_callbacks.pop(_STATE_KEY, None)
+            try:
+                super()._load_callback_state()
+            finally:
+                if saved is not None:
+                    self.state.stateful_callbacks[_STATE_KEY] = saved
+
+        def _init_training_state(self, *args: Any, **kwargs: Any):  # noqa: D102
+            epochs, micro = super()._init_training_state(*args, **kwargs)
+            saved = self.state.stateful_callbacks.get(_STATE_KEY) if self.state.global_step > 0 else None
+            if isinstance(saved, list):
+                saved = saved[0] if saved else None
+            if not saved:
+                return epochs, micro
+            attrs = saved["attributes"]
+            # The Trainer would skip global_step × accumulation micro-batches (a constant count); the
+            # exact position is what this trainer saved.
+            self.samples_seen = int(attrs["samples_seen"])
+            self.args.gradient_accumulation_steps = int(attrs["accumulation"])
+            self._pending_ticks = int(attrs["ticks"])
+            if getattr(self, "_schedule", None) is not None:
+                self._schedule.ticks, self._pending_ticks = self._pending_ticks, None
+            if attrs.get("policy") is not None:
+                self.batch_controller.load_state_dict(attrs["policy"])
+            epoch, done = int(attrs["epoch_index"]), int(attrs["micro_in_epoch"])
+            if done >= len(self.get_train_dataloader()):
+                epoch, done = epoch + 1, 0
+            self._epoch_index, self._resume_micro = epoch - 1, done
+            return epoch, done
 
         def create_scheduler(self, *args: Any, **kwargs: Any):  # noqa: D102
             out = super().create_scheduler(*args, **kwargs)
@@ -345,8 +535,14 @@ def _make_trainer_class() -> type:
             if self.args.gradient_accumulation_steps != ctrl.accumulation_steps:
                 self.args.gradient_accumulation_steps = ctrl.accumulation_steps
             if not _owns(self.optimizer, ctrl):
-                ctrl.attach(self.model)
+                if ctrl.owns_gradients:
+                    ctrl.attach(self.model)
+            elif self.args.max_grad_norm and self.args.max_grad_norm > 0:
+                set_max_grad_norm(self.optimizer, ctrl, self.args.max_grad_norm)
+                self.args.max_grad_norm = 0.0  # the optimizer clips; the Trainer must not
             self._schedule = _SampleSchedule(self.lr_scheduler, self.lr_schedule, cfg.initial_batch_size)
+            if self._pending_ticks is not None:
+                self._schedule.ticks, self._pending_ticks = self._pending_ticks, None
             self._world = world
 
         def _aligned_accumulation(self) -> int:
@@ -380,6 +576,15 @@ def _make_trainer_class() -> type:
     return AdaptiveBatchTrainer
 
 
+_STATE_KEY = "_AdaptiveBatchState"
+
+
+def _jsonable(state: dict[str, Any]) -> dict[str, Any]:
+    """A policy's state for trainer_state.json (schedules: plain numbers and lists only)."""
+    return {k: [list(x) if isinstance(x, tuple) else x for x in v] if isinstance(v, list) else v
+            for k, v in state.items()}
+
+
 _TRAINER_CLASS: type | None = None
 
 
@@ -389,52 +594,15 @@ def __getattr__(name: str) -> Any:
         if _TRAINER_CLASS is None:
             _TRAINER_CLASS = _make_trainer_class()
         return _TRAINER_CLASS
+    if name in ("attach_deepspeed", "deepspeed_steps"):  # DeepSpeed's adapter owns them
+        from lbopt.integrations.deepspeed import batch
+
+        return getattr(batch, name)
     raise AttributeError(name)
 
 
-# --------------------------------------------------------------------------- DeepSpeed
-def attach_deepspeed(engine: Any, controller: BatchSizeController | None = None) -> BatchSizeController:
-    """Keep ``engine``'s global batch equal to the controller's: ``set_train_batch_size`` on change.
+def attach_deepspeed(engine: Any, controller: BatchSizePolicy | None = None) -> BatchSizePolicy:
+    """See :func:`lbopt.integrations.deepspeed.batch.attach_deepspeed` (kept here for imports)."""
+    from lbopt.integrations.deepspeed.batch import attach_deepspeed as attach
 
-    Checks that the controller's micro-batch and world size are the engine's. Returns the
-    controller (the lbopt optimizer's own by default).
-    """
-    ctrl = controller_of(getattr(engine, "basic_optimizer", None) or engine.optimizer, controller)
-    micro, world = engine.train_micro_batch_size_per_gpu(), engine.dp_world_size
-    if ctrl.config.micro_batch_size != micro or ctrl.config.world_size != world:
-        raise ValueError(
-            f"Invalid controller: micro_batch_size={ctrl.config.micro_batch_size}, world_size="
-            f"{ctrl.config.world_size}, but the engine has train_micro_batch_size_per_gpu={micro} and "
-            f"dp_world_size={world}; build the controller with those"
-        )
-    if not _owns(getattr(engine, "basic_optimizer", None), ctrl):
-        raise ValueError(
-            "Invalid controller: under DeepSpeed the controller must belong to the engine's optimizer "
-            "(lbopt.AdAdaGrad / AdAdaGradNorm, e.g. \"optimizer\": {\"type\": \"AdAdaGradNorm\"}): only the "
-            "optimizer sees the reduced gradient's global norm on ZeRO partitions"
-        )
-    engine.set_train_batch_size(ctrl.batch_size)
-    ctrl.on_change(lambda new, _old: engine.set_train_batch_size(new))
-    return ctrl
-
-
-def deepspeed_steps(engine: Any, micro_batches: Iterable[Any], controller: BatchSizeController,
-                    ) -> Iterator[tuple[list[Any], Any]]:
-    """Yield ``(micro_batches_of_step, backward)``; call ``backward(loss)`` per micro-batch.
-
-    Marks the accumulation boundary on the last micro-batch of each step explicitly, scales
-    each loss by ``1/len(step)`` (so a short last step is averaged right) and calls
-    ``engine.step()`` after every backward, as DeepSpeed expects.
-    """
-    for micro in adaptive_steps(micro_batches, controller):
-        n = len(micro)
-        state = {"i": 0}
-
-        def backward(loss: torch.Tensor, _n: int = n, _state: dict = state) -> None:
-            i = _state["i"]
-            engine.set_gradient_accumulation_boundary(i == _n - 1)
-            engine.backward(loss / _n, scale_wrt_gas=False)
-            engine.step()
-            _state["i"] = i + 1
-
-        yield micro, backward
+    return attach(engine, controller)

@@ -7,7 +7,7 @@ statistics engine (:mod:`lbopt.stats`) over a layout of local tensor slices
 DeepSpeed ZeRO 1/2/3 alike.
 """
 
-from lbopt.batch import BatchDecision, BatchSizeController, PerSampleGradients
+from lbopt.batch import BatchDecision, BatchSizeController, BatchSizeSchedule, PerSampleGradients
 from lbopt.optim import (
     CBLR,
     LAMB,
@@ -35,6 +35,7 @@ __all__ = [
     "AdaGradNorm",
     "BatchDecision",
     "BatchSizeController",
+    "BatchSizeSchedule",
     "PerSampleGradients",
     "LayerwiseOptimizer",
     "NonFiniteGradientError",

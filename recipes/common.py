@@ -2,10 +2,18 @@
 
 A recipe (``classification.py``, ``causal_lm.py``) supplies a :class:`Task` (how to load its
 data, build its model, batch and evaluate) and calls :func:`main`. Everything that can be wrong
-with the command line -- an unknown optimizer, a global batch that does not split into
-micro-batch x accumulation x world size, a missing column, an unreadable config file -- is
-checked by :func:`parse_args` *before* any process group or ``Accelerator`` exists, and reported
-as one line (``SystemExit``).
+with the input -- an unknown optimizer, a global batch that does not split into micro-batch x
+accumulation x world size, a number out of range, optimizer arguments the optimizer does not
+take, empty or unseen labels, a missing model or column, an unwritable output folder, a resume
+target that is not a complete checkpoint of this run's kind -- is checked by :func:`parse_args`
+*before* any process group or ``Accelerator`` exists, and reported as one line (``SystemExit``).
+
+:func:`main` is ``parse_args`` -> :func:`setup_run` (a :class:`Run`: accelerator, model,
+optimizer, data, resumed state) -> :func:`make_step_runner` (one :class:`StepRunner` per
+training mode: :class:`FixedBatchRunner`, :class:`AdaptiveBatchRunner`) -> :func:`train` ->
+final checkpoint and model -> :func:`build_summary` / :func:`write_outputs`. A per-step feature
+plugs in as ``Run.compute_loss`` (the loss of one micro-batch), a step runner (how a step's
+batch is formed), or a ``Run.step_hooks`` entry (after every step).
 
 Global batch B, world size W, micro-batch m and accumulation a satisfy B = m * a * W exactly; every
 optimizer step sees exactly B samples (micro-batches stream across epoch boundaries, so no step is
@@ -53,7 +61,7 @@ class Task:
     name: str
     default_model: str
     default_dataset: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
+    add_arguments: Callable[[Any], None]  # (argument group of the parser) -> None: the task's own options
     # (args) -> DatasetDict; raise ValueError for user errors (reported as one line)
     load_data: Callable[[argparse.Namespace], Any]
     # (args, raw DatasetDict) -> (model, tokenizer, train Dataset, eval Dataset, collate_fn)
@@ -68,6 +76,14 @@ class Task:
 # --------------------------------------------------------------------------------------------
 # arguments and validation (no process group exists yet)
 # --------------------------------------------------------------------------------------------
+
+
+def _env_seconds(name: str, default: float) -> float:
+    """A number of seconds from the environment, or ``default`` when unset or not a number."""
+    try:
+        return float(os.environ[name])
+    except (KeyError, ValueError):
+        return default
 
 
 def build_parser(task: Task) -> argparse.ArgumentParser:
@@ -128,6 +144,13 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
         "--global_batch_size is the initial batch",
     )
     batch.add_argument(
+        "--batch_schedule",
+        default=None,
+        help="a planned global batch, e.g. '0:256,1:1024,3:4096' (from epoch 0, 1, 3) or 'step:0:256,500:1024' "
+        "(from optimizer step 0, 500); replaces --global_batch_size (fixed micro-batch, growing accumulation; "
+        "the LR follows --lr_scaling at every batch). Not with adadagrad/adadagradnorm",
+    )
+    batch.add_argument(
         "--gradient_accumulation_steps",
         type=int,
         default=None,
@@ -176,9 +199,10 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     safety.add_argument(
         "--startup_timeout_s",
         type=float,
-        default=300.0,
+        default=_env_seconds("LBOPT_STARTUP_TIMEOUT_S", 300.0),
         help="end the launch with the stage's name and stacks when a start-up stage (process group, model "
-        "load, engine set-up, resume, first step) takes longer than this (0: no watchdog)",
+        "load, engine set-up, resume, first step) takes longer than this (0: no watchdog; the default "
+        "comes from LBOPT_STARTUP_TIMEOUT_S when set)",
     )
     safety.add_argument(
         "--extension_lock_timeout_s",
@@ -293,11 +317,43 @@ def _check_adaptive(args: argparse.Namespace) -> None:
             f"--optimizer {args.optimizer} estimates gradient noise from micro-batches: --global_batch_size {B} "
             f"needs at least 2 micro-batches of --per_device_batch_size {args.per_device_batch_size}"
         )
-    if deepspeed_config_path(args) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        die(
-            f"--optimizer {args.optimizer} (adaptive batch) is not supported under DeepSpeed by the recipes yet; "
-            "launch without DeepSpeed (e.g. integrations/accelerate/cpu.yaml or a plain multi-GPU config)"
-        )
+
+
+def _apply_schedule(args: argparse.Namespace) -> None:
+    """--batch_schedule: checked (syntax, multiples of micro x world) and its first batch made the initial one."""
+    if args.batch_schedule is None:
+        return
+    if args.optimizer in ADAPTIVE_OPTIMIZERS:
+        die(f"--batch_schedule and --optimizer {args.optimizer} both set the batch; drop one of them")
+    if args.gradient_accumulation_steps is not None:
+        die("--batch_schedule sets the accumulation of every step; drop --gradient_accumulation_steps")
+    from lbopt.batch import parse_batch_schedule
+
+    try:
+        by, entries = parse_batch_schedule(args.batch_schedule)
+    except ValueError as err:
+        die(f"--batch_schedule: {err}")
+    args.batch_schedule_by = by
+    unit = args.per_device_batch_size * (args.world_size or world_size_from_env())
+    for at, batch in entries:
+        if batch <= 0 or batch % unit:
+            die(
+                f"--batch_schedule entry {at:g}:{batch}: the batch must be a positive multiple of "
+                f"per_device_batch_size x world size = {unit}"
+            )
+    args.global_batch_size = entries[0][1]
+    args.max_global_batch_size = max(b for _, b in entries)
+
+
+def batch_policy(args: argparse.Namespace, micro_per_epoch: int) -> Any:
+    """The run's lbopt.BatchSizeSchedule for --batch_schedule (None otherwise: fixed, or the optimizer's own)."""
+    if args.batch_schedule is None:
+        return None
+    from lbopt import BatchSizeSchedule
+
+    unit = args.per_device_batch_size * args.world_size
+    return BatchSizeSchedule(args.batch_schedule, args.per_device_batch_size, args.world_size,
+                             samples_per_epoch=micro_per_epoch * unit, lr_coupling=args.lr_scaling)
 
 
 def default_lr(optimizer: str) -> float:
@@ -312,8 +368,11 @@ def default_lr(optimizer: str) -> float:
 
 
 def scaled_lr(args: argparse.Namespace) -> float:
-    ratio = args.global_batch_size / args.reference_batch_size
-    return args.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[args.lr_scaling]
+    """``lr · (B/B_ref)^p`` (p = 0, ½, 1 by --lr_scaling) at the initial batch: lbopt's one LR rule. Scheduled
+    and adaptive runs apply the same rule as the batch changes (the policy's ``lr_coupling``)."""
+    from lbopt.batch import lr_scale
+
+    return args.lr * lr_scale(args.global_batch_size, args.reference_batch_size, args.lr_scaling)
 
 
 # (option, lowest valid value, whether the lowest value itself is excluded): numbers checked when given
@@ -376,6 +435,7 @@ def optimizer_kwargs(args: argparse.Namespace) -> dict:
         kwargs.setdefault("max_batch_size", args.max_global_batch_size)
         kwargs.setdefault("micro_batch_size", args.per_device_batch_size)
         kwargs.setdefault("world_size", args.world_size)
+        kwargs.setdefault("lr_coupling", args.lr_scaling)  # one LR rule at every batch (see scaled_lr)
     return kwargs
 
 
@@ -533,6 +593,7 @@ def parse_args(task: Task, argv: list[str] | None = None) -> tuple[argparse.Name
     if args.lr is None:
         args.lr = default_lr(args.optimizer)
     check_ranges(args)
+    _apply_schedule(args)
     resolve_batch(args)
     if args.optimizer in ADAPTIVE_OPTIMIZERS:
         _check_adaptive(args)
@@ -656,6 +717,10 @@ def _configure_deepspeed(accelerator, args: argparse.Namespace) -> bool:
         cfg["zero_force_ds_cpu_optimizer"] = False
     if cfg.get("gradient_clipping", "auto") == "auto":
         cfg["gradient_clipping"] = args.max_grad_norm
+    if args.optimizer in ADAPTIVE_OPTIMIZERS:
+        # the optimizer clips the applied gradient; DeepSpeed clipping would distort the noise test
+        args.max_grad_norm = float(cfg["gradient_clipping"] or 0.0)
+        cfg["gradient_clipping"] = 0.0
     return True
 
 
@@ -725,6 +790,7 @@ class Run:
     compute_loss: Callable[[Any, dict], Any] = compute_loss
     step_hooks: list[Callable[[Run, dict], None]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    batch_policy: Any = None  # lbopt.BatchSizeSchedule of --batch_schedule (AdAdaGrad*'s controller is the optimizer's)
 
 
 @dataclass
@@ -763,6 +829,10 @@ class StepRunner:
     def log_extras(self) -> dict[str, float]:
         return {}
 
+    def lr_factor(self) -> float:
+        """Factor on the scheduler's rate for the coming step (a changing batch's LR rule)."""
+        return 1.0
+
     def data_budget_reached(self, progress: Progress) -> bool:
         return False
 
@@ -799,10 +869,11 @@ class FixedBatchRunner(StepRunner):
 
 
 class AdaptiveBatchRunner(StepRunner):
-    """AdAdaGrad*: the optimizer's batch controller sets each step's micro-batch count
-    (:class:`lbopt.integrations.adaptive_batch.AdaptiveBatchLoop`). No clipping: the controller's
-    noise test compares the unclipped micro-batch gradients with the gradient the step uses.
-    With ``--num_epochs`` the run ends once that much data is seen (steps grow with the batch)."""
+    """A global batch that changes between steps: AdAdaGrad*'s controller, or --batch_schedule's
+    :class:`lbopt.BatchSizeSchedule` (:class:`lbopt.integrations.adaptive_batch.AdaptiveBatchLoop`;
+    under DeepSpeed the loop drives the engine). Clipping: AdAdaGrad* clip the applied gradient
+    themselves while the controller measures noise unclipped; a schedule is clipped by the loop (or
+    by DeepSpeed). With ``--num_epochs`` the run ends once that much data is seen."""
 
     def __init__(self, run: Run) -> None:
         from lbopt.integrations.adaptive_batch import AdaptiveBatchLoop
@@ -811,9 +882,11 @@ class AdaptiveBatchRunner(StepRunner):
         args = run.args
         unit = args.per_device_batch_size * args.world_size
         self.max_global_batch_size = args.max_global_batch_size
-        # the LR scheduler stays ours (one tick per optimizer step); the controller's state is in the
-        # optimizer's checkpoint
-        self.loop = AdaptiveBatchLoop(run.model, run.optimizer, accelerator=run.accelerator, lr_scheduler=None)
+        owned = run.batch_policy is None  # AdAdaGrad*: the controller is in the optimizer (and its checkpoint)
+        clip = args.max_grad_norm if args.max_grad_norm > 0 and (owned or not run.uses_deepspeed) else None
+        # the LR scheduler stays ours (one tick per optimizer step)
+        self.loop = AdaptiveBatchLoop(run.model, run.optimizer, run.batch_policy, accelerator=run.accelerator,
+                                      lr_scheduler=None, max_grad_norm=clip)
         self.controller = self.loop.controller
         self.steps = self.loop.steps(micro_batches(run, run.progress.samples // unit))
         self.sample_budget = None if args.max_steps else args.num_epochs * run.micro_per_epoch * unit
@@ -829,11 +902,14 @@ class AdaptiveBatchRunner(StepRunner):
             loss = run.compute_loss(run.model, batch)
             running += loss.detach().float() / len(adaptive_step)
             adaptive_step.backward(loss)
-        adaptive_step.finish()  # optimizer step (the controller picks the next batch), zero_grad
+        adaptive_step.finish()  # optimizer step (the policy picks the next batch), zero_grad
         return StepResult(running, self.loop.batch_sizes[-1], step_was_skipped(run, skips))
 
     def log_extras(self) -> dict[str, float]:
         return self.controller.last.as_dict()  # batch/size, batch/required, ... for the next step
+
+    def lr_factor(self) -> float:
+        return self.controller.lr_factor  # (B/B0)^p by --lr_scaling, applied by the optimizer or the loop
 
     def data_budget_reached(self, progress: Progress) -> bool:
         return self.sample_budget is not None and progress.samples >= self.sample_budget
@@ -841,7 +917,7 @@ class AdaptiveBatchRunner(StepRunner):
 
 def make_step_runner(run: Run) -> StepRunner:
     """The step runner for this run's training mode."""
-    if run.args.optimizer in ADAPTIVE_OPTIMIZERS:
+    if run.args.optimizer in ADAPTIVE_OPTIMIZERS or run.batch_policy is not None:
         return AdaptiveBatchRunner(run)
     return FixedBatchRunner(run)
 
@@ -866,7 +942,7 @@ def create_accelerator(args: argparse.Namespace):
     if deepspeed_requested and not torch.accelerator.is_available():
         # DeepSpeed on CPU (DS_ACCELERATOR=cpu): accelerate only counts the ranks when told the backend
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    adaptive = args.optimizer in ADAPTIVE_OPTIMIZERS  # checked in parse_args: not under DeepSpeed
+    adaptive = args.optimizer in ADAPTIVE_OPTIMIZERS or args.batch_schedule is not None  # the loop accumulates
     accelerator = Accelerator(
         # no accelerator at all: torchrun-launched ranks (integrations/accelerate/cpu.yaml) run gloo DDP on CPU
         cpu=not deepspeed_requested and not torch.accelerator.is_available(),
@@ -931,10 +1007,18 @@ def data_loaders(args: argparse.Namespace, train_ds, eval_ds, collate) -> tuple[
     return train_dl, eval_dl
 
 
-def planned_steps(args: argparse.Namespace, micro_per_epoch: int) -> int:
-    """--max_steps, else enough fixed-size steps for --num_epochs (at least one)."""
+def planned_steps(args: argparse.Namespace, micro_per_epoch: int, policy: Any = None) -> int:
+    """--max_steps, else enough steps for --num_epochs (at least one): fixed-size, or as the batch schedule
+    plans them (so the LR schedule ends with the data)."""
     if args.max_steps:
         return args.max_steps
+    if policy is not None:
+        budget = args.num_epochs * micro_per_epoch * args.per_device_batch_size * args.world_size
+        steps, samples = 0, 0
+        while samples < budget:
+            samples += policy.batch_at(steps, samples)
+            steps += 1
+        return max(1, steps)
     return max(1, math.ceil(args.num_epochs * micro_per_epoch / args.gradient_accumulation_steps))
 
 
@@ -978,7 +1062,8 @@ def setup_run(task: Task, args: argparse.Namespace, raw: Any, watchdog: StartupW
     micro_per_epoch = len(train_ds) // (args.per_device_batch_size * args.world_size)
     if micro_per_epoch == 0:
         die(f"the training set ({len(train_ds)} examples) is smaller than one micro-batch on every rank")
-    total_steps = planned_steps(args, micro_per_epoch)
+    policy = batch_policy(args, micro_per_epoch)
+    total_steps = planned_steps(args, micro_per_epoch, policy)
     lr = scaled_lr(args)
     client_optimizer = create_optimizer(args, model, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(client_optimizer, lr_lambda(args, total_steps))
@@ -1003,9 +1088,12 @@ def setup_run(task: Task, args: argparse.Namespace, raw: Any, watchdog: StartupW
         uses_deepspeed=uses_deepspeed,
         tokenizer=tokenizer,
         watchdog=watchdog,
+        batch_policy=policy,
     )
     # not prepared: stepped once per optimizer step by us, on the same param_group dicts DeepSpeed uses
     accelerator.register_for_checkpointing(scheduler)
+    if policy is not None:  # the schedule's position (steps, samples) travels with the checkpoint
+        accelerator.register_for_checkpointing(policy)
     accelerator.register_for_checkpointing(run.progress)
     bind_fsdp(run)
     resume(run)
@@ -1217,7 +1305,7 @@ def train(run: Run, runner: StepRunner) -> str | None:
     run.model.train()
     reason = None
     while progress.step < run.total_steps and reason is None:
-        step_lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
+        step_lr = run.scheduler.get_last_lr()[0] * runner.lr_factor()  # the rate this step uses
         result = runner.step()
         run.scheduler.step()
         record = record_step(run, result, step_lr)

@@ -119,6 +119,8 @@ def _metrics_panel(ax, summary: dict) -> None:
     ax.set_title("validation metrics")
     if keys:
         ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no evaluation", ha="center", va="center", transform=ax.transAxes, color="gray")
 
 
 def _batch_lr_panel(ax, summary: dict) -> None:

@@ -18,6 +18,7 @@ environments never rebuild (and lock) each other's ops.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import signal
@@ -25,6 +26,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 EXIT_STUCK = 75  # a start-up stage (or a build lock) made no progress in time
 
@@ -75,6 +77,46 @@ def waiting_on_lock(thread_id: int) -> str | None:
     return None
 
 
+def lock_holders(lock: str) -> list[int] | None:
+    """Pids of live processes that hold ``lock`` open (torch's ``FileBaton`` keeps its descriptor
+    while it builds); ``[]``: nobody, a stale lock; ``None``: cannot tell (no ``/proc``)."""
+    if not os.path.isdir("/proc/self/fd"):
+        return None
+    target = os.path.realpath(lock)
+    holders = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd.path) == target for fd in os.scandir(f"/proc/{entry.name}/fd")):
+                holders.append(int(entry.name))
+        except OSError:  # the process ended, or is not ours to inspect
+            continue
+    return holders
+
+
+def held_baton(frame) -> Any:
+    """The torch ``FileBaton`` this thread acquired and is building under, if any (from its frames)."""
+    while frame is not None:
+        if frame.f_code.co_name == "_jit_compile" and frame.f_code.co_filename.endswith("cpp_extension.py"):
+            baton = frame.f_locals.get("baton")
+            return baton if getattr(baton, "fd", None) is not None else None
+        frame = frame.f_back
+    return None
+
+
+def _release_lock_and_terminate(signum: int, frame) -> None:
+    """SIGTERM during start-up: a rank stopped while compiling (torchrun stops every rank when one
+    fails) removes the build lock it holds, so later launches do not wait on it forever."""
+    baton = held_baton(frame)
+    if baton is not None:
+        with contextlib.suppress(OSError):
+            os.remove(baton.lock_file_path)
+            print(f"released the build lock {baton.lock_file_path} (terminated while compiling)", file=sys.stderr)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
 class StartupWatchdog:
     """Prints start-up stages; ends the process when one makes no progress in time.
 
@@ -94,9 +136,13 @@ class StartupWatchdog:
         self._main = threading.main_thread().ident
         self._stop = threading.Event()
         self._lock_seen: tuple[str, float] | None = None
+        self._checked, self._told = 0.0, False
         self._thread: threading.Thread | None = None
         if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>` prints where this process is, any time
             faulthandler.register(signal.SIGUSR1, all_threads=True)
+        self._previous_term = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous_term = signal.signal(signal.SIGTERM, _release_lock_and_terminate)
         if timeout_s > 0 or lock_timeout_s > 0:
             self._thread = threading.Thread(target=self._watch, name="lbopt-startup-watchdog", daemon=True)
             self._thread.start()
@@ -111,6 +157,12 @@ class StartupWatchdog:
         """Start-up is over (the first step is done): stop watching."""
         if self.rank == 0 and not self._stop.is_set():
             print(f"[start-up {time.monotonic() - self.started:5.1f}s] first step done", file=sys.stderr, flush=True)
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop watching (quietly) and give SIGTERM back its previous handler."""
+        if self._previous_term is not None and not self._stop.is_set():
+            signal.signal(signal.SIGTERM, self._previous_term)
         self._stop.set()
 
     def _watch(self) -> None:
@@ -121,8 +173,23 @@ class StartupWatchdog:
                 self._lock_seen = None
             elif self._lock_seen is None or self._lock_seen[0] != lock:
                 self._lock_seen = (lock, now)
-            elif now - self._lock_seen[1] > self.lock_timeout_s:
-                self._die(self._lock_message(lock, now - self._lock_seen[1]), stacks=False)
+                self._checked, self._told = now, False
+            elif self._lock_overdue(now) and now - self._checked >= min(5.0, self.lock_timeout_s):
+                self._checked = now
+                holders = lock_holders(lock)
+                if not holders:  # stale (or cannot tell): say so and stop
+                    self._die(self._lock_message(lock, now - self._lock_seen[1], holders), stacks=False)
+                if not self._told:
+                    print(
+                        f"rank {self.rank}: waiting for process {', '.join(map(str, holders))}, which holds the build "
+                        f"lock {lock} (compiling the op; this happens once per virtualenv)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    self._told = True
+            if lock is not None and self._lock_overdue(now):
+                self.since = now  # a live process is compiling: waiting for it is progress
+                continue
             if building_extension(self._main):
                 # never stop a process that is compiling: it would leave the lock behind for every later launch
                 self.since = now
@@ -136,13 +203,20 @@ class StartupWatchdog:
                     stacks=True,
                 )
 
-    def _lock_message(self, lock: str, waited: float) -> str:
+    def _lock_overdue(self, now: float) -> bool:
+        return self._lock_seen is not None and now - self._lock_seen[1] > self.lock_timeout_s
+
+    def _lock_message(self, lock: str, waited: float, holders: list[int] | None) -> str:
+        why = (
+            "No running process holds it: a process was killed while compiling and left it behind."
+            if holders == []
+            else "Another process may be compiling this op, or one was killed while compiling and left it behind."
+        )
         return (
             f"error: rank {self.rank}: stage '{self.name}' has waited {waited:.0f} s on the torch-extensions "
-            f"build lock {lock} (--extension_lock_timeout_s {self.lock_timeout_s:g}). Another process is "
-            "compiling this op, or one was killed while compiling and left the lock behind. If no process is "
-            f"building (no compiler in `ps`), remove it: rm {lock} -- and build the op once with "
-            "`bash scripts/setup.sh`. Separate virtual environments should not share TORCH_EXTENSIONS_DIR."
+            f"build lock {lock} (--extension_lock_timeout_s {self.lock_timeout_s:g}). {why} Fix: rm {lock} "
+            "(if no compiler is running), then build the op once with `bash scripts/setup.sh`; separate "
+            "virtual environments should not share TORCH_EXTENSIONS_DIR."
         )
 
     def _die(self, message: str, stacks: bool) -> None:
@@ -151,3 +225,24 @@ class StartupWatchdog:
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
         os._exit(EXIT_STUCK)
+
+
+def build_ops(lock_timeout_s: float = 60.0) -> str:
+    """Compile (or check, a no-op when up to date) DeepSpeed's CPU communication op into this
+    virtualenv's extensions folder, under the watchdog; return the folder. ``scripts/setup.sh`` runs it
+    so that no launch ever compiles."""
+    folder = use_venv_extensions_dir()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    watchdog = StartupWatchdog(timeout_s=0, lock_timeout_s=lock_timeout_s)
+    watchdog.stage(f"building DeepSpeed's CPU communication op into {folder} (once; minutes the first time)")
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().create_op_builder("ShareMemCommBuilder").load(verbose=False)
+    watchdog.stop()
+    return folder
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["build-ops"]:
+        raise SystemExit("usage: python recipes/startup.py build-ops")
+    print(f"[setup] DeepSpeed's CPU communication op is built in {build_ops()}")

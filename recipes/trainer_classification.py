@@ -60,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.lr is None:
         args.lr = float(inspect.signature(cls).parameters["lr"].default)
     if args.deepspeed and args.optimizer in ADAPTIVE:
-        p.error("AdAdaGrad* under DeepSpeed: use lbopt.integrations.adaptive_batch.deepspeed_steps, not the Trainer")
+        p.error("AdAdaGrad* under DeepSpeed: AdaptiveBatchTrainer cannot follow a changing batch through the engine; "
+                "run recipes/classification.py with a ZeRO accelerate config (AdaptiveBatchLoop drives the engine)")
     return args
 
 

@@ -17,19 +17,9 @@ TORCH_PIN=${LBOPT_TORCH_PIN:-torch==2.13.0}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
 
 build_ops() {  # compile DeepSpeed's CPU communication op once, here, so no launch ever compiles it
-  local so="$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm/deepspeed_shm_comm.so"
-  [ -f "$so" ] && return 0
-  local lock="$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm/lock"
-  if [ -e "$lock" ]; then
-    echo "[setup] $lock exists: another process is compiling the op, or a killed one left the lock." >&2
-    echo "[setup] If no compiler is running (ps aux | grep cc1plus), remove it: rm $lock" >&2
-    return 1
-  fi
-  echo "[setup] compiling DeepSpeed's CPU communication op into $TORCH_EXTENSIONS_DIR (once; 1-5 minutes)"
-  DS_ACCELERATOR=cpu python -c "
-from deepspeed.accelerator import get_accelerator
-get_accelerator().create_op_builder('ShareMemCommBuilder').load(verbose=False)
-" >/dev/null || { echo "[setup] building the op failed; DeepSpeed launches will try again (and may wait on it)" >&2; return 1; }
+  # (a no-op check when it is up to date; a stale build lock is named with the fix, never waited on)
+  DS_ACCELERATOR=cpu python recipes/startup.py build-ops \
+    || { echo "[setup] building DeepSpeed's CPU communication op failed (see above)" >&2; return 1; }
 }
 
 stamp=.venv/.lbopt-setup

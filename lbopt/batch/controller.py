@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,11 +25,13 @@ from torch import nn
 
 from lbopt.batch.criteria import TESTS, GradientSamples, VarianceEstimate, estimate_variance, required_batch
 from lbopt.batch.estimators import MetricFn, MicrobatchSamples
+from lbopt.batch.policy import LR_RULES, BatchSizePolicy
+from lbopt.validation import check_choice, check_int, check_range
 
 __all__ = ["BatchDecision", "BatchSizeController"]
 
 ESTIMATORS = ("microbatch", "per_sample")
-LR_COUPLINGS = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
+LR_COUPLINGS = LR_RULES  # the one LR rule (lbopt.batch.policy.lr_scale)
 _NEEDS_DIRECTION = ("inner_product", "orthogonality", "augmented")
 
 
@@ -79,19 +80,7 @@ class _Config:
     history: list[tuple[int, int]] = field(default_factory=list)
 
 
-def _check_int(name: str, value: Any, lo: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"Invalid {name}: {value!r}; expected an integer >= {lo}")
-    return value
-
-
-def _check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"Invalid {name}: {value!r}; expected a finite number > 0")
-    return float(value)
-
-
-class BatchSizeController:
+class BatchSizeController(BatchSizePolicy):
     r"""Adaptive global batch size from gradient-noise tests (Lau, Liu & Kolar 2024).
 
     Tests (``test=``), with ``V = Σ_j Var_j(∇f_i)`` the per-sample variance and ``ḡ`` the
@@ -144,12 +133,12 @@ class BatchSizeController:
         microbatch_scale: float | None = None,
         process_group: Any = None,
     ) -> None:
-        _check_int("micro_batch_size", micro_batch_size)
+        check_int("micro_batch_size", micro_batch_size)
         if world_size is None:
             world_size = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
-        _check_int("world_size", world_size)
-        _check_int("initial_batch_size", initial_batch_size)
-        _check_int("max_batch_size", max_batch_size)
+        check_int("world_size", world_size)
+        check_int("initial_batch_size", initial_batch_size)
+        check_int("max_batch_size", max_batch_size)
         unit = micro_batch_size * world_size
         for name, value in (("initial_batch_size", initial_batch_size), ("max_batch_size", max_batch_size)):
             if value % unit:
@@ -163,12 +152,9 @@ class BatchSizeController:
                 f"Invalid max_batch_size: {max_batch_size} is below initial_batch_size={initial_batch_size}; "
                 f"set max_batch_size >= {initial_batch_size}"
             )
-        if test not in TESTS:
-            raise ValueError(f"Invalid test: {test!r}; expected one of {TESTS}")
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"Invalid estimator: {estimator!r}; expected one of {ESTIMATORS}")
-        if lr_coupling not in LR_COUPLINGS:
-            raise ValueError(f"Invalid lr_coupling: {lr_coupling!r}; expected one of {tuple(LR_COUPLINGS)}")
+        check_choice("test", test, TESTS)
+        check_choice("estimator", estimator, ESTIMATORS)
+        check_choice("lr_coupling", lr_coupling, tuple(LR_COUPLINGS))
         if estimator == "microbatch" and initial_batch_size // micro_batch_size < 2:
             raise ValueError(
                 f"Invalid initial_batch_size: {initial_batch_size} gives one micro-batch sample per step "
@@ -177,42 +163,28 @@ class BatchSizeController:
                 "a smaller micro_batch_size, or estimator='per_sample'"
             )
         if microbatch_scale is not None:
-            _check_positive("microbatch_scale", microbatch_scale)
+            check_range("microbatch_scale", microbatch_scale, lo_open=True)
         self.config = _Config(
             initial_batch_size=initial_batch_size, max_batch_size=max_batch_size,
             micro_batch_size=micro_batch_size, world_size=world_size, test=test,
-            eta=_check_positive("eta", eta), theta=_check_positive("theta", theta), nu=_check_positive("nu", nu),
-            test_interval=_check_int("test_interval", test_interval), monotone=bool(monotone),
+            eta=float(check_range("eta", eta, lo_open=True)),
+            theta=float(check_range("theta", theta, lo_open=True)),
+            nu=float(check_range("nu", nu, lo_open=True)),
+            test_interval=check_int("test_interval", test_interval), monotone=bool(monotone),
             lr_coupling=lr_coupling, estimator=estimator, microbatch_scale=microbatch_scale,
         )
         self.process_group = process_group
-        self.batch_size = initial_batch_size
-        self.steps = 0
-        self.history: list[tuple[int, int]] = [(0, initial_batch_size)]
+        self._init_policy(initial_batch_size)
         self.last = BatchDecision(step=0, batch_size=initial_batch_size, previous_batch_size=initial_batch_size)
         self.params: list[torch.Tensor] = []
         self.samples = MicrobatchSamples()
         self.samples.active = self._is_test_step(1)
         self._pending: GradientSamples | None = None
-        self._callbacks: list[Callable[[int, int], None]] = []
         self._warned: set[str] = set()
 
-    # ------------------------------------------------------------------ derived numbers
     @property
-    def unit(self) -> int:
-        """Granularity of the global batch: ``micro_batch_size × world_size``."""
-        return self.config.micro_batch_size * self.config.world_size
-
-    @property
-    def accumulation_steps(self) -> int:
-        """Micro-batches per rank per optimizer step at the current batch."""
-        return self.batch_size // self.unit
-
-    @property
-    def lr_factor(self) -> float:
-        """``(B/B₀)^p`` with p from ``lr_coupling`` (1.0 for ``"none"``)."""
-        p = LR_COUPLINGS[self.config.lr_coupling]
-        return (self.batch_size / self.config.initial_batch_size) ** p if p else 1.0
+    def owns_gradients(self) -> bool:
+        return True
 
     # ------------------------------------------------------------------ wiring
     def attach(self, params: Iterable[Any] | nn.Module) -> BatchSizeController:
@@ -237,10 +209,6 @@ class BatchSizeController:
     def set_metric(self, metric_fn: MetricFn | None) -> None:
         """Per-parameter weights ``P`` for the coordinate test: ``metric_fn(param) -> tensor | None``."""
         self.samples.metric_fn = metric_fn
-
-    def on_change(self, callback: Callable[[int, int], None]) -> None:
-        """Call ``callback(new_batch, old_batch)`` whenever the batch size changes."""
-        self._callbacks.append(callback)
 
     @property
     def needs_direction(self) -> bool:
@@ -285,23 +253,63 @@ class BatchSizeController:
             self._warned.add(key)
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
-    def step(self, grad_sq_norm: float | None = None, grad_sq_norm_metric: float | None = None) -> BatchDecision:
+    @property
+    def wants_direction(self) -> bool:
+        """True when the step about to close must leave its mean gradient ḡ for the next test step.
+
+        (Inner-product tests with the micro-batch estimator: the next step's hooks take
+        ``⟨h, ḡ⟩``.) Optimizers that see ḡ only on partitions pass it densely to :meth:`step`.
+        """
+        return self.needs_direction and self._is_test_step(self.steps + 2)
+
+    def step(
+        self,
+        grad_sq_norm: float | None = None,
+        grad_sq_norm_metric: float | None = None,
+        *,
+        direction: Sequence[torch.Tensor | None] | None = None,
+        metric_square_sum: float | None = None,
+    ) -> BatchDecision:
         """Close one optimizer step: test (on test steps) and set the batch for the next one.
 
-        ``grad_sq_norm``: the global ``‖ḡ‖²`` of the gradient the optimizer uses (lbopt
-        optimizers pass it from the statistics engine; otherwise it is read from the
-        attached parameters' ``.grad``, which is right for one process and DDP).
+        ``grad_sq_norm``: the global ``‖ḡ‖²`` of the *unclipped* mean gradient (lbopt
+        optimizers pass it from the statistics engine; otherwise it is read from the attached
+        parameters' ``.grad``, which is right for one process and DDP without clipping).
         ``grad_sq_norm_metric``: ``‖ḡ‖²_P`` for the coordinate test.
+        ``direction``: this step's dense ḡ, one tensor per attached parameter (see
+        :attr:`wants_direction`); default: read from ``.grad``.
+        ``metric_square_sum``: ``Σ_j P_j S_j`` over the parameters whose squared hook
+        gradients ``S`` were kept (:meth:`MicrobatchSamples.square_sums`), summed over all
+        ranks and partitions by the caller (hook scale).
+
+        Raises ``RuntimeError`` instead of holding the batch silently when a test step lacks
+        what its test needs (no gradient, no samples, no direction, no metric).
         """
         self.steps += 1
         previous = self.batch_size
         testing = self._is_test_step(self.steps)
         cfg = self.config
+        samples = None
         if cfg.estimator == "microbatch":
+            kept_squares = bool(self.samples.square_sums())
+            if kept_squares and metric_square_sum is None and testing:
+                raise RuntimeError(
+                    "BatchSizeController: the coordinate test's metric lives on engine partitions (ZeRO) and "
+                    "the optimizer did not pass metric_square_sum to step(); use lbopt.AdAdaGrad, whose step "
+                    "completes it on the partitions"
+                )
             local = self.samples.local_sums(cfg.microbatch_scale)
-            samples = None
             if testing:
                 c, sq, sq_m, dot, dot_sq = self._reduce(local)
+                if c == 0 and self.samples.params:
+                    raise RuntimeError(
+                        "BatchSizeController: the gradient hooks saw no micro-batch at this test step on any rank "
+                        "(the watched tensors are not the ones autograd fills, e.g. FSDP2's sharded parameters: "
+                        "use lbopt.integrations.fsdp.watch_unsharded, or attach() the module actually run)"
+                    )
+                if kept_squares:
+                    scale = float(local[0] if cfg.microbatch_scale is None else cfg.microbatch_scale)
+                    sq_m = (0.0 if math.isnan(sq_m) else sq_m) + float(metric_square_sum) * scale * scale
                 samples = GradientSamples(
                     count=c, sample_size=cfg.micro_batch_size, sum_sq=sq, sum_sq_metric=sq_m,
                     sum_dot=dot, sum_dot_sq=dot_sq, dir_sq_norm=self._direction_sq_norm,
@@ -310,32 +318,50 @@ class BatchSizeController:
             samples, self._pending = self._pending, None
         decision = BatchDecision(step=self.steps, batch_size=previous, previous_batch_size=previous, tested=testing)
         if testing:
-            if grad_sq_norm is None:
-                grad_sq_norm = self._grad_sq_norm()
-                if not math.isfinite(grad_sq_norm) and self.params:
-                    self._warn_once("gsq", "BatchSizeController: no gradient on the watched parameters (ZeRO?); "
-                                    "pass grad_sq_norm to step(). Batch held.")
-            if samples is None:
-                self._warn_once("samples", "BatchSizeController: no gradient samples this step (no hooks "
-                                "attached, no observe_* call); batch held.")
-                decision.reason = "no-estimate"
-            else:
-                est = estimate_variance(
-                    samples, float(grad_sq_norm),
-                    float("nan") if grad_sq_norm_metric is None else float(grad_sq_norm_metric),
-                )
-                decision.estimate = est
-                decision.required = required_batch(cfg.test, est, cfg.eta, cfg.theta, cfg.nu)
-                decision.batch_size, decision.reason = self._propose(decision.required, previous)
+            decision = self._decide(decision, samples, grad_sq_norm, grad_sq_norm_metric)
         if self.needs_direction and self._is_test_step(self.steps + 1):
-            self._remember_direction()
+            if direction is not None:
+                self._set_direction([None if d is None else d.detach().float() for d in direction])
+            else:
+                self._remember_direction()
         self.samples.active = self._is_test_step(self.steps + 1)
         self.last = decision
-        if decision.batch_size != previous:
-            self.batch_size = decision.batch_size
-            self.history.append((self.steps, self.batch_size))
-            for cb in self._callbacks:
-                cb(self.batch_size, previous)
+        self._change_batch(decision.batch_size)
+        return decision
+
+    def _decide(self, decision: BatchDecision, samples: GradientSamples | None, grad_sq_norm: float | None,
+                grad_sq_norm_metric: float | None) -> BatchDecision:
+        cfg = self.config
+        if grad_sq_norm is None:
+            grad_sq_norm = self._grad_sq_norm()
+            if math.isnan(grad_sq_norm) and self.params:
+                raise RuntimeError(
+                    "BatchSizeController: no gradient on the watched parameters at a test step (under ZeRO "
+                    "they live on partitions); pass grad_sq_norm to step(), or use lbopt.AdAdaGrad/AdAdaGradNorm "
+                    "as the engine's optimizer"
+                )
+        if samples is None:
+            raise RuntimeError(
+                "BatchSizeController: no gradient samples at a test step (no hooks attached, no "
+                "observe_samples()/observe_microbatch() call); attach() the model or feed samples"
+            )
+        if cfg.test == "coordinate" and math.isnan(samples.sum_sq_metric) and math.isnan(samples.mean_sq_norm_metric):
+            raise RuntimeError(
+                "BatchSizeController: test='coordinate' needs the AdaGrad metric (set_metric(); lbopt.AdAdaGrad "
+                "sets it) and grad_sq_norm_metric in step()"
+            )
+        est = estimate_variance(
+            samples, float(grad_sq_norm),
+            float("nan") if grad_sq_norm_metric is None else float(grad_sq_norm_metric),
+        )
+        decision.estimate = est
+        decision.required = required_batch(cfg.test, est, cfg.eta, cfg.theta, cfg.nu)
+        decision.batch_size, decision.reason = self._propose(decision.required, decision.previous_batch_size)
+        if decision.reason == "no-estimate":
+            why = ("fewer than two gradient samples" if est.count < 2 else
+                   "no previous mean gradient yet (inner-product tests start at the second test step)"
+                   if self.needs_direction and math.isnan(est.variance_inner) else "a zero or non-finite gradient")
+            self._warn_once(f"noest:{why}", f"BatchSizeController: step {self.steps}: batch held, {why}")
         return decision
 
     def _propose(self, required: float, current: int) -> tuple[int, str]:
@@ -360,11 +386,11 @@ class BatchSizeController:
     def _remember_direction(self) -> None:
         grads = [p.grad for p in self.params]
         if not grads or any(g is None for g in grads):
-            self._warn_once("dir", f"BatchSizeController: test={self.config.test!r} with the micro-batch "
-                            "estimator needs the previous mean gradient in .grad (not available, e.g. under "
-                            "ZeRO); batch held.")
-            self._set_direction(None)
-            return
+            raise RuntimeError(
+                f"BatchSizeController: test={self.config.test!r} with the micro-batch estimator needs this "
+                "step's mean gradient ḡ, and the watched parameters have no .grad (ZeRO partitions?); pass "
+                "direction= to step() (lbopt.AdAdaGrad/AdAdaGradNorm do), or use estimator='per_sample'"
+            )
         self._set_direction([g.detach().float().clone() for g in grads])
 
     def _set_direction(self, direction: list[torch.Tensor | None] | None) -> None:
@@ -374,21 +400,6 @@ class BatchSizeController:
             self._direction_sq_norm = float("nan")
         else:
             self._direction_sq_norm = float(sum(d.double().square().sum() for d in direction if d is not None))
-
-    # ------------------------------------------------------------------ LR coupling
-    @contextmanager
-    def scaled_lr(self, optimizer: torch.optim.Optimizer) -> Iterator[None]:
-        """Multiply every group's ``lr`` by :attr:`lr_factor` for the duration of the block."""
-        f = self.lr_factor
-        saved = [g["lr"] for g in optimizer.param_groups]
-        if f != 1.0:
-            for g in optimizer.param_groups:
-                g["lr"] = g["lr"] * f
-        try:
-            yield
-        finally:
-            for g, lr in zip(optimizer.param_groups, saved):
-                g["lr"] = lr
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -107,16 +107,37 @@ class MicrobatchSamples:
         self._sq.extend(torch._foreach_norm(grads, 2, dtype=torch.float32))
         if self.metric_fn is not None:
             w = [self._metric(i) for i in idx]
-            if any(x is None for x in w):
-                self._metric_missing = True
-            else:
-                scaled = torch._foreach_mul([g.float() for g in grads], w)  # type: ignore[arg-type]
+            known = [k for k, x in enumerate(w) if x is not None]
+            if known:
+                scaled = torch._foreach_mul([grads[k].float() for k in known], [w[k] for k in known])  # type: ignore[misc]
                 self._sq_metric.append(torch.stack(torch._foreach_norm(scaled)).square().sum())
+            if len(known) < len(w):
+                self._keep_squares([(idx[k], grads[k]) for k in range(len(w)) if w[k] is None])
         if self.direction is not None:
             d = [self.direction[i] if i < len(self.direction) else None for i in idx]
             parts = [torch.dot(g.reshape(-1).float(), di.reshape(-1)) for g, di in zip(grads, d) if di is not None]
             if parts:
                 self._dots.append(torch.stack(parts).sum())
+
+    def _keep_squares(self, pairs: list[tuple[int, torch.Tensor]]) -> None:
+        """``S_p += h²`` elementwise for parameters whose metric lives on engine partitions.
+
+        Under ZeRO the AdaGrad accumulators (hence ``P``) are sharded, so ``‖h‖²_P`` cannot be
+        formed here; ``Σ_k ‖g_k‖²_P = Σ_j P_j Σ_k g_kj²`` is linear in these squares, and the
+        optimizer finishes it on its partitions (:meth:`square_sums`).
+        """
+        bufs, grads = [], []
+        for i, g in pairs:
+            buf = self._squares.get(i)
+            if buf is None or buf.shape != g.shape:
+                buf = self._squares[i] = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
+            bufs.append(buf)
+            grads.append(g.float())
+        torch._foreach_addcmul_(bufs, grads, grads)
+
+    def square_sums(self) -> dict[int, torch.Tensor]:
+        """``{id(param): Σ_k h_k²}`` kept this step for parameters without a local metric (hook scale)."""
+        return {id(self.params[i]): buf for i, buf in self._squares.items()}
 
     # ------------------------------------------------------------------ explicit path
     def observe(self, sq_norm: float | torch.Tensor, sq_norm_metric: float | torch.Tensor | None = None,
@@ -146,8 +167,8 @@ class MicrobatchSamples:
         self._hook_count = 0
         self._pending: list[torch.Tensor] = []
         self._pending_idx: list[int] = []
-        self._metric_missing = False
         self._metric_cache = {}
+        self._squares: dict[int, torch.Tensor] = {}
 
     def local_sums(self, scale: float | None) -> list[float]:
         """``[count, Σ‖g_k‖², Σ‖g_k‖²_P, Σ⟨g_k,d⟩, Σ⟨g_k,d⟩²]`` of this rank, then reset.
@@ -163,7 +184,7 @@ class MicrobatchSamples:
         values = torch.stack(parts).double().cpu().tolist() if parts else []
         n_sq, n_m = len(self._sq), len(self._sq_metric)
         sq = math.fsum(v * v for v in values[:n_sq])
-        want_metric = not ((self.metric_fn is None and not self._sq_metric) or self._metric_missing)
+        want_metric = self.metric_fn is not None or bool(self._sq_metric)
         sq_m = math.fsum(values[n_sq:n_sq + n_m]) if want_metric else math.nan
         dot = dot_sq = math.nan if count else 0.0
         if self._dots:

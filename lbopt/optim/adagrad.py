@@ -13,25 +13,84 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 
 from lbopt.batch.controller import BatchSizeController
-from lbopt.optim.base import ExcludeSpec, LayerwiseOptimizer, StepPlan, check_range
-from lbopt.stats import dot, sq_norm
+from lbopt.layout import LayerTable, Layout
+from lbopt.optim.base import ExcludeSpec, LayerwiseOptimizer, StepPlan, full_shape
+from lbopt.stats import Quantity, dot, sq_norm
+from lbopt.validation import check_range
 
 __all__ = ["AdAdaGrad", "AdAdaGradNorm", "AdaGrad", "AdaGradNorm"]
 
 
-def _check_common(lr: float, initial_accumulator_value: float, eps: float, weight_decay: float) -> None:
-    check_range("lr", lr, 0.0, float("inf"))
-    check_range("initial_accumulator_value", initial_accumulator_value, 0.0, float("inf"))
-    check_range("eps", eps, 0.0, float("inf"))
-    check_range("weight_decay", weight_decay, 0.0, float("inf"))
+def _check_common(lr: float, initial_accumulator_value: float, eps: float, weight_decay: float,
+                  max_grad_norm: float | None = None) -> None:
+    if max_grad_norm is not None:
+        check_range("max_grad_norm", max_grad_norm, lo_open=True)
+    check_range("lr", lr, tensor_ok=True)
+    check_range("initial_accumulator_value", initial_accumulator_value)
+    check_range("eps", eps)
+    check_range("weight_decay", weight_decay)
+
+
+def clip_coefficient(grad_sq_norm: float, max_grad_norm: float | None) -> float:
+    """``min(1, C / (‖g‖ + 1e-6))`` as ``torch.nn.utils.clip_grad_norm_`` (1 when ``C`` is None)."""
+    if max_grad_norm is None:
+        return 1.0
+    return min(1.0, max_grad_norm / (grad_sq_norm**0.5 + 1e-6))
+
+
+def dense_from_segments(table: LayerTable, layout: Layout, seg_views: list[torch.Tensor],
+                        device: torch.device | None = None) -> list[torch.Tensor]:
+    """Whole fp32 tensors, one per original parameter, assembled from per-segment values.
+
+    Segment ``s`` writes elements ``[param_offset, param_offset + length)`` of parameter
+    ``s.param``; elements no segment covers are 0. A sharded layout (ZeRO partitions) is
+    completed by one all-reduce (SUM) of the concatenation over the layout's group: every
+    element is held by exactly one rank, so the sum is the dense tensor on every rank.
+    """
+    numels = [r.numel for r in table.params]
+    offsets = [0]
+    for n in numels:
+        offsets.append(offsets[-1] + n)
+    where = layout.comm_device or (seg_views[0].device if seg_views else torch.device("cpu"))
+    flat = torch.zeros(offsets[-1], dtype=torch.float32, device=where)
+    for seg, view in zip(layout.segments, seg_views):
+        start = offsets[seg.param] + seg.param_offset
+        flat[start:start + seg.length].copy_(view.reshape(-1))
+    if layout.sharded:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=layout.process_group)
+    if device is not None:
+        flat = flat.to(device)
+    shapes = [full_shape(p) for p in table.originals]  # type: ignore[attr-defined]
+    return [flat[offsets[i]:offsets[i + 1]].view(shapes[i]) for i in range(len(table.params))]
+
+
+def segments_of_dense(table: LayerTable, layout: Layout, dense: dict[int, torch.Tensor],
+                      device: torch.device) -> tuple[list[torch.Tensor], list[int]]:
+    """Per-segment slices of whole per-parameter tensors ``{record index: tensor}`` (the inverse)."""
+    views, segs = [], []
+    for k, seg in enumerate(layout.segments):
+        t = dense.get(seg.param)
+        if t is not None:
+            views.append(t.reshape(-1)[seg.param_offset:seg.param_offset + seg.length].to(device))
+            segs.append(k)
+    return views, segs
 
 
 class _AdaGradBase(LayerwiseOptimizer):
-    """Shared plumbing: L2 weight decay, the optional batch controller, its checkpointing."""
+    """Shared plumbing: L2 weight decay, clipping, the optional batch controller, its checkpointing.
+
+    ``max_grad_norm`` (C): the *applied* gradient is ``g·min(1, C/‖g‖)`` with ``‖g‖`` the
+    global norm over all layers and shards (exact under ZeRO), while the batch controller
+    measures noise on the *unclipped* gradient (its micro-batch samples are unclipped, so
+    their mean must be too). Engines must then not clip themselves (DeepSpeed
+    ``gradient_clipping: 0``; :mod:`lbopt.integrations.adaptive_batch` checks).
+    """
 
     batch_controller: BatchSizeController | None = None
+    max_grad_norm: float | None = None
 
     def _decayed_grads(self, plan: StepPlan, params, grads) -> tuple[list[torch.Tensor], bool]:
         dev = plan.stats.device
@@ -44,9 +103,33 @@ class _AdaGradBase(LayerwiseOptimizer):
         factor = self.batch_controller.lr_factor if self.batch_controller is not None else 1.0
         return plan.seg_values(self.layer_hparam("lr", plan.stats.device) * factor)
 
-    def _feed_controller(self, grad_sq_norm: float, grad_sq_norm_metric: float | None = None) -> None:
-        if self.batch_controller is not None:
-            self.batch_controller.step(grad_sq_norm=grad_sq_norm, grad_sq_norm_metric=grad_sq_norm_metric)
+    def _feed_controller(self, grad_sq_norm: float, grad_sq_norm_metric: float | None = None,
+                         plan: StepPlan | None = None, grads: list[torch.Tensor] | None = None,
+                         metric_square_sum: float | None = None) -> None:
+        ctrl = self.batch_controller
+        if ctrl is None:
+            return
+        direction = None
+        if plan is not None and grads is not None and plan.layout.sharded and ctrl.wants_direction:
+            direction = self._dense_direction(plan, grads)
+        ctrl.step(grad_sq_norm=grad_sq_norm, grad_sq_norm_metric=grad_sq_norm_metric, direction=direction,
+                  metric_square_sum=metric_square_sum)
+
+    def _dense_direction(self, plan: StepPlan, grads: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """This step's mean gradient ḡ, whole, on every rank (the gather on test steps under ZeRO).
+
+        The micro-batch hooks of the next test step take ``⟨h, ḡ⟩`` with whole micro-batch
+        gradients ``h``, so each rank needs all of ḡ: one all-reduce of a model-sized fp32
+        buffer, only before test steps of the inner-product tests.
+        """
+        ctrl = self.batch_controller
+        dense = dense_from_segments(self.table, plan.layout, grads)
+        by_id = {id(p): d for p, d in zip(self.table.originals, dense)}  # type: ignore[attr-defined]
+        return [None if id(p) not in by_id else by_id[id(p)].to(p.device) for p in ctrl.params]  # type: ignore[union-attr]
+
+    def _clip(self, grads: list[torch.Tensor], g_sq: float) -> list[torch.Tensor]:
+        c = clip_coefficient(g_sq, self.max_grad_norm)
+        return grads if c >= 1.0 else torch._foreach_mul(grads, c)
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -81,6 +164,10 @@ class AdaGradNorm(_AdaGradBase):
         eps: ε ≥ 0. weight_decay: β ≥ 0 (L2, added to the gradient).
         exclude: which parameters are not decayed (default: ``ndim <= 1``).
         on_nonfinite: ``"skip"`` (warn, leave state untouched) or ``"raise"``.
+        max_grad_norm: C > 0 or None: the applied gradient is ``g·min(1, C/(‖g‖+1e-6))``
+            (global norm, exact under ZeRO, as ``torch.nn.utils.clip_grad_norm_``); a batch
+            controller still sees the unclipped gradient.
+        maximize, foreach: as in ``torch.optim`` (see :class:`lbopt.optim.base.LayerwiseOptimizer`).
 
     Reference: R. Ward, X. Wu, L. Bottou, "AdaGrad stepsizes: sharp convergence over nonconvex
     landscapes" (ICML 2019); M. Streeter, H. B. McMahan (2010).
@@ -98,37 +185,59 @@ class AdaGradNorm(_AdaGradBase):
         *,
         exclude: ExcludeSpec = None,
         on_nonfinite: str = "skip",
+        max_grad_norm: float | None = None,
+        maximize: bool = False,
+        foreach: bool | None = None,
     ) -> None:
-        _check_common(lr, initial_accumulator_value, eps, weight_decay)
+        _check_common(lr, initial_accumulator_value, eps, weight_decay, max_grad_norm)
         defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay)
-        super().__init__(params, defaults, exclude=exclude, on_nonfinite=on_nonfinite)
+        super().__init__(params, defaults, exclude=exclude, on_nonfinite=on_nonfinite, maximize=maximize,
+                         foreach=foreach)
         self.initial_accumulator_value = float(initial_accumulator_value)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.layer_state["b_sq"] = torch.tensor(self.initial_accumulator_value, dtype=torch.float64)
 
     def _step(self, plan: StepPlan) -> None:
         layout = plan.layout
         params = layout.views()
         grads = layout.views([t.grad for t in layout.tensors])
-        h, decayed = self._decayed_grads(plan, params, grads)
-        sums = plan.stats.sums([sq_norm(grads)] + ([sq_norm(h)] if decayed else []))
+        dev = plan.stats.device
+        wd_seg = plan.seg_values(self.layer_weight_decay(dev))
+        decayed, clipping = any(wd_seg), self.max_grad_norm is not None
+        quantities = [sq_norm(grads)]
+        if decayed:
+            bw = torch._foreach_mul(params, wd_seg)
+            if clipping:  # ‖c·g + βw‖² = c²‖g‖² + 2c⟨g,βw⟩ + ‖βw‖², c known only after the reduce
+                quantities += [dot(grads, bw), sq_norm(bw)]
+            else:
+                h = torch._foreach_add(grads, bw)
+                quantities.append(sq_norm(h))
+        sums = plan.stats.sums(quantities)
         present = sums[-1] > 0
         if self.nonfinite(torch.where(present, sums[0], 0.0)):
             self._feed_controller(float("nan"))
             return
         g_sq = float(sums[0][present].sum())
-        h_sq = float(sums[1][present].sum()) if decayed else g_sq
+        c = clip_coefficient(g_sq, self.max_grad_norm)
+        if decayed and clipping:
+            cross, wsq = float(sums[1][present].sum()), float(sums[2][present].sum())
+            h_sq = c * c * g_sq + 2 * c * cross + wsq
+            h = torch._foreach_add(self._clip(grads, g_sq), bw)
+        elif decayed:
+            h_sq = float(sums[1][present].sum())
+        else:
+            h, h_sq = self._clip(grads, g_sq), c * c * g_sq if c < 1.0 else g_sq
         b_sq = float(self.layer_state["b_sq"]) + h_sq
         self.layer_state["b_sq"] = torch.tensor(b_sq, dtype=torch.float64)
         self._bump_step()
         b = b_sq**0.5
-        dev = plan.stats.device
         eps_l = self.layer_hparam("eps", dev)
         denom = plan.seg_values(b + eps_l)
         lr = self._lr_seg(plan)
         steps = [-a / d if d > 0 else 0.0 for a, d in zip(lr, denom)]
         self.record_layer_stats(present, lr=self.layer_hparam("lr", dev) / (b + eps_l))
         torch._foreach_add_(params, torch._foreach_mul(h, steps))
-        self._feed_controller(g_sq)
+        self._feed_controller(g_sq, plan=plan, grads=grads)
 
     @property
     def accumulator(self) -> float:
@@ -161,11 +270,16 @@ class AdaGrad(_AdaGradBase):
         *,
         exclude: ExcludeSpec = None,
         on_nonfinite: str = "skip",
+        max_grad_norm: float | None = None,
+        maximize: bool = False,
+        foreach: bool | None = None,
     ) -> None:
-        _check_common(lr, initial_accumulator_value, eps, weight_decay)
+        _check_common(lr, initial_accumulator_value, eps, weight_decay, max_grad_norm)
         defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay)
-        super().__init__(params, defaults, exclude=exclude, on_nonfinite=on_nonfinite)
+        super().__init__(params, defaults, exclude=exclude, on_nonfinite=on_nonfinite, maximize=maximize,
+                         foreach=foreach)
         self.initial_accumulator_value = float(initial_accumulator_value)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
 
     def _sum(self, tensor: torch.Tensor) -> torch.Tensor:
         state = self.state[tensor]
@@ -185,8 +299,9 @@ class AdaGrad(_AdaGradBase):
             if any(p is param for p in group["params"]):
                 eps = group["eps"]
                 break
-        if state is None or "sum" not in state:
-            return torch.full_like(param, 1.0 / (self.initial_accumulator_value**0.5 + eps), dtype=torch.float32)
+        if state is None or "sum" not in state:  # s_0 everywhere: a constant (broadcast; no shape needed)
+            return torch.full((), 1.0 / (self.initial_accumulator_value**0.5 + eps), dtype=torch.float32,
+                              device=param.device)
         return 1.0 / (state["sum"].float().sqrt() + eps)
 
     def _wants_metric(self) -> bool:
@@ -197,29 +312,65 @@ class AdaGrad(_AdaGradBase):
         layout = plan.layout
         params = layout.views()
         grads = layout.views([t.grad for t in layout.tensors])
-        sums_q = [sq_norm(grads)]
+        quantities = [sq_norm(grads)]
         dev = plan.stats.device
         eps_seg = plan.seg_values(self.layer_hparam("eps", dev))
         sums_views = layout.views([self._sum(t) for t in layout.tensors])
-        if self._wants_metric():
-            denom = torch._foreach_sqrt(sums_views)
-            torch._foreach_add_(denom, eps_seg)
-            sums_q.append(dot(torch._foreach_div(grads, denom), grads))
-        sums = plan.stats.sums(sums_q)
+        n_metric = n_square = 0
+        if self._wants_metric():  # P = 1/(√s_{t−1}+ε), before this step's update
+            metric = torch._foreach_sqrt(sums_views)
+            torch._foreach_add_(metric, eps_seg)
+            torch._foreach_reciprocal_(metric)
+            quantities.append(dot(torch._foreach_mul(grads, metric), grads))
+            n_metric = 1
+            square = self._metric_square_quantity(plan, metric)
+            if square is not None:
+                quantities.append(square)
+                n_square = 1
+        sums = plan.stats.sums(quantities)
         present = sums[-1] > 0
         if self.nonfinite(torch.where(present, sums[0], 0.0)):
             self._feed_controller(float("nan"))
             return
         self._bump_step()
-        h, decayed = self._decayed_grads(plan, params, grads)
+        g_sq = float(sums[0][present].sum())
+        h, decayed = self._decayed_grads(plan, params, self._clip(grads, g_sq))
         torch._foreach_addcmul_(sums_views, h, h)
         denom = torch._foreach_sqrt(sums_views)
         torch._foreach_add_(denom, eps_seg)
         lr = self._lr_seg(plan)
         torch._foreach_addcdiv_(params, h, denom, [-a for a in lr])
         self.record_layer_stats(present, lr=self.layer_hparam("lr", dev))
-        g_sq = float(sums[0][present].sum())
-        self._feed_controller(g_sq, float(sums[1][present].sum()) if len(sums_q) > 1 else None)
+        g_sq_metric = float(sums[1][present].sum()) if n_metric else None
+        square_sum = float(sums[2].sum()) if n_square else None
+        self._feed_controller(g_sq, g_sq_metric, plan=plan, grads=grads, metric_square_sum=square_sum)
+
+    def _metric_square_quantity(self, plan: StepPlan, metric: list[torch.Tensor]) -> Quantity | None:
+        """``Σ_j P_j S_j`` on this rank's partitions, with ``S = Σ_{k, ranks} h_k²`` all-reduced.
+
+        Under ZeRO the hooks cannot weigh a micro-batch gradient by ``P`` (it lives on
+        partitions), so they keep its squares ``S`` (see
+        :meth:`lbopt.batch.MicrobatchSamples.square_sums`); the sum over ranks of ``S`` (one
+        all-reduce of a model-sized buffer on test steps) meets ``P`` on each partition, and
+        the statistics engine's reduce adds the partitions.
+        """
+        ctrl = self.batch_controller
+        squares = ctrl.samples.square_sums() if ctrl is not None else {}
+        if not squares:
+            return None
+        layout = plan.layout
+        index = {id(p): i for i, p in enumerate(self.table.originals)}  # type: ignore[attr-defined]
+        per_record = {index[k]: v for k, v in squares.items() if k in index}
+        ordered = sorted(per_record)
+        flat = torch.cat([per_record[i].reshape(-1).float() for i in ordered])
+        if layout.sharded:
+            where = layout.comm_device or flat.device
+            buf = flat.to(where)
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=layout.process_group)
+            flat = buf
+        whole = dict(zip(ordered, torch.split(flat, [per_record[i].numel() for i in ordered])))
+        views, segs = segments_of_dense(self.table, layout, whole, plan.stats.device)
+        return Quantity([metric[k] for k in segs], views, segs)
 
 
 def _make_controller(
@@ -264,8 +415,8 @@ class AdAdaGradNorm(AdaGradNorm):
     parameters with gradient hooks (micro-batch variance estimator).
 
     Args:
-        params, lr, initial_accumulator_value, eps, weight_decay, exclude, on_nonfinite:
-            as :class:`AdaGradNorm`.
+        params, lr, initial_accumulator_value, eps, weight_decay, exclude, on_nonfinite,
+            max_grad_norm: as :class:`AdaGradNorm`.
         batch_controller: a :class:`lbopt.BatchSizeController`, None (build one from the
             keyword arguments below) or False (none: plain AdaGradNorm).
         **controller_kwargs: ``initial_batch_size`` (required when building),
@@ -288,10 +439,13 @@ class AdAdaGradNorm(AdaGradNorm):
         batch_controller: BatchSizeController | bool | None = None,
         exclude: ExcludeSpec = None,
         on_nonfinite: str = "skip",
+        max_grad_norm: float | None = None,
+        maximize: bool = False,
+        foreach: bool | None = None,
         **controller_kwargs: Any,
     ) -> None:
-        super().__init__(params, lr, initial_accumulator_value, eps, weight_decay,
-                         exclude=exclude, on_nonfinite=on_nonfinite)
+        super().__init__(params, lr, initial_accumulator_value, eps, weight_decay, exclude=exclude,
+                         on_nonfinite=on_nonfinite, max_grad_norm=max_grad_norm, maximize=maximize, foreach=foreach)
         self.batch_controller = _make_controller(self, batch_controller, controller_kwargs)
 
 
@@ -322,10 +476,13 @@ class AdAdaGrad(AdaGrad):
         batch_controller: BatchSizeController | bool | None = None,
         exclude: ExcludeSpec = None,
         on_nonfinite: str = "skip",
+        max_grad_norm: float | None = None,
+        maximize: bool = False,
+        foreach: bool | None = None,
         **controller_kwargs: Any,
     ) -> None:
-        super().__init__(params, lr, initial_accumulator_value, eps, weight_decay,
-                         exclude=exclude, on_nonfinite=on_nonfinite)
+        super().__init__(params, lr, initial_accumulator_value, eps, weight_decay, exclude=exclude,
+                         on_nonfinite=on_nonfinite, max_grad_norm=max_grad_norm, maximize=maximize, foreach=foreach)
         self.batch_controller = _make_controller(self, batch_controller, controller_kwargs)
         if self.batch_controller is not None and self.batch_controller.config.test == "coordinate":
             self.batch_controller.set_metric(self.metric)

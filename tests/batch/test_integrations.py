@@ -150,3 +150,47 @@ def test_trainer_subclass_grows_samples_per_step(tmp_path):
     assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
     logged = [h for h in trainer.state.log_history if "batch/size" in h]
     assert logged and logged[-1]["batch/size"] == ctrl.batch_size
+
+
+def _trainer(tmp_path, model, opt, **kw):
+    from lbopt.integrations.adaptive_batch import AdaptiveBatchTrainer
+    from transformers import TrainingArguments
+
+    x, y, idx = _data()
+    dataset = [{"x": x[i], "labels": y[i], "idx": idx[i]} for i in range(N)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=P.MICRO, num_train_epochs=2,
+        lr_scheduler_type="linear", report_to=[], logging_steps=1, use_cpu=True, disable_tqdm=True, seed=0,
+        save_strategy="steps", save_steps=4, max_grad_norm=0.5, **kw,
+    )
+    return AdaptiveBatchTrainer(model=model, args=args, train_dataset=dataset, optimizers=(opt, None))
+
+
+def test_trainer_resume_mid_epoch_reproduces_the_run(tmp_path):
+    """Resumed from a checkpoint taken mid-epoch (after the batch grew), the Trainer skips exactly
+    the micro-batches consumed and ends with the uninterrupted run's parameters and batches."""
+    import json
+
+    def build():
+        model = _HFModel()
+        opt = ada.AdAdaGradNorm(model.parameters(), lr=0.3, initial_batch_size=8, max_batch_size=48,
+                                micro_batch_size=P.MICRO, world_size=1, eta=0.8)
+        return model, opt
+
+    model, opt = build()
+    full = _trainer(tmp_path / "full", model, opt)
+    full.train()
+    assert opt.max_grad_norm == 0.5 and full.args.max_grad_norm == 0.0  # clipping moved into the optimizer
+    ckpt = tmp_path / "full" / "checkpoint-8"
+    state = json.loads((ckpt / "trainer_state.json").read_text())["stateful_callbacks"]["_AdaptiveBatchState"]
+    micro = state["attributes"]["micro_in_epoch"]
+    assert 0 < micro < N // P.MICRO, state  # mid-epoch
+    assert max(full.step_samples[:8]) > 8  # the batch had grown by then
+
+    model2, opt2 = build()
+    resumed = _trainer(tmp_path / "resumed", model2, opt2)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert resumed.step_samples == full.step_samples[8:]
+    assert resumed.samples_seen == full.samples_seen == 2 * N
+    assert sorted(model2.seen) == sorted(model.seen[sum(full.step_samples[:8]):])  # the rest of the data, once
+    assert P.rel(P.flat(model2.net), P.flat(model.net)) <= 1e-6

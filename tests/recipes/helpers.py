@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -41,12 +43,24 @@ def launch(
         *args,
     ]
     full_env = launch_env()
+    # a start-up that makes no progress ends well inside the test's own limit, naming its stage
+    full_env["LBOPT_STARTUP_TIMEOUT_S"] = str(int(min(180, timeout / 2)))
     for key, value in (env or {}).items():
         if value is None:
             full_env.pop(key, None)
         else:
             full_env[key] = value
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    # own session: on timeout the launcher *and* its ranks are killed, not just the launcher
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"launch timed out after {timeout} s:\n{stderr[-6000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def strict_json(path: Path) -> dict:

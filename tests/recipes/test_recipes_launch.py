@@ -124,10 +124,11 @@ def test_causal_lm_adamw_zero3_exits_cleanly(tmp_path):
 
 
 def test_classification_plain_ddp_multi_gpu_yaml_on_cpu(tmp_path):
-    """multi_gpu.yaml (8 GPUs, bf16) on this CPU machine: 2 processes, gloo DDP, the yaml's bf16 autocast."""
+    """multi_gpu.yaml (8 GPUs, bf16) on this CPU machine: 2 processes, gloo DDP (bf16 autocast is a GPU
+    matter and crawls on this CPU: --mixed_precision no overrides the yaml)."""
     out = tmp_path / "ddp"
     args = [*TINY_CLS, "--optimizer", "adamw", "--max_steps", "3", "--stop_after_steps", "2", "--report_to", "none"]
-    args += ["--no_final_checkpoint", "--no_final_model", "--output_dir", str(out)]
+    args += ["--no_final_checkpoint", "--no_final_model", "--mixed_precision", "no", "--output_dir", str(out)]
     s = summary_of(launch("multi_gpu.yaml", "classification.py", args, launcher_args=("--num_processes", "2")), out)
     assert (s["deepspeed"], s["world_size"], s["steps"], s["samples"]) == (False, 2, 2, 128)
     assert (s["planned_steps"], s["stopped_early"], [e["step"] for e in s["evals"]]) == (3, True, [2])

@@ -154,3 +154,15 @@ def test_help_shows_a_default_and_a_help_text_for_every_option():
         assert flat.count("(default: ") == len(options) - 1, flat
         assert "--max_steps MAX_STEPS optimizer steps (>= 1); overrides --num_epochs (default: None)" in flat
         assert "--on_divergence {stop,continue}" in flat and "(default: stop)" in flat
+
+
+def test_a_missing_package_names_the_extra():
+    with pytest.raises(SystemExit, match=r"the recipes need no_such_package_xyz: pip install 'lbopt\[recipes\]'"):
+        common.check_packages(("json", "no_such_package_xyz"))
+
+
+def test_the_optimizer_library_does_not_import_recipe_support():
+    support = ("lbopt.data", "lbopt.metrics", "datasets", "evaluate")
+    code = f"import sys, lbopt; print([m for m in {support!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.stdout.strip() == "[]", out.stderr[-2000:]
