@@ -86,6 +86,8 @@ def _train(name: str, task: str) -> tuple[float, float]:
 def test_default_hyperparameters_halve_the_loss(name: str, task: str) -> None:
     torch.set_num_threads(1)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # a skipped (non-finite) step fails the test
+        # a skipped (non-finite) step fails the test; the batch controller's "batch held" notes do not
+        # (this plain loop feeds no micro-batch samples, so AdAdaGrad's update is AdaGrad's here)
+        warnings.filterwarnings("error", message=".*non-finite", category=RuntimeWarning)
         start, end = _train(name, task)
     assert end == end and end <= 0.5 * start, f"{name} on {task}: full-data loss {start:.3f} -> {end:.3f}"
