@@ -106,7 +106,12 @@ for name, s in runs.items():
 reference = None
 bench = Path("bench/results/large_batch.json")
 if bench.is_file():
-    reference = json.loads(bench.read_text()).get("small_batch_reference", {}).get("minilm")
+    data = json.loads(bench.read_text())
+    rows_b0 = [r for r in data.get("table", []) if r.get("task") == "minilm" and r.get("method") == "adamw_b0"]
+    if rows_b0:
+        r = rows_b0[0]
+        reference = {"method": r["label"], "batch_size": r["batch"], "steps": r["steps"], "test_accuracy": r["test_acc"],
+                     "setting": data.get("settings", {}).get("minilm", {}).get("note", "")}
 total = time.time() - start
 json.dump({"runs": rows, "global_batch_size": runs[opt]["global_batch_size"], "zero_stage": runs[opt]["zero_stage"],
            "world_size": runs[opt]["world_size"], "small_batch_reference": reference, "total_wall_time_s": total},
@@ -118,8 +123,9 @@ for r in rows:
     print(f"{r['optimizer']:<10}{r['scaled_lr']:>9.1e}{r['steps']:>7}{r['epochs']:>8.2f}{r['eval_accuracy']:>10.4f}"
           f"{r['eval_f1']:>10.4f}{r['eval_loss']:>8.3f}{r['train_s']:>9.0f}" + ("  (time budget hit)" if r["stopped_early"] else ""))
 if reference:
-    print(f"small-batch reference (bench/large_batch.py: {reference.get('method', 'adamw')}, batch "
-          f"{reference.get('batch_size')}, {reference.get('steps')} steps): accuracy {reference['test_accuracy']:.4f}")
+    print(f"small-batch reference (bench/large_batch.py --quick, same held-out texts: {reference['method']}, batch "
+          f"{reference['batch_size']}, {reference['steps']} steps, encoder frozen, pooler+head trained): "
+          f"accuracy {reference['test_accuracy']:.4f}")
 else:
     print("small-batch reference: none in bench/results/large_batch.json (run bench/large_batch.py --quick)")
 from collections import Counter
