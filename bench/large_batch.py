@@ -616,6 +616,7 @@ def train_run(task: TaskData, method: Method, batch: int, lr: float, seed: int, 
                 run.diverged = True
                 break
     else:
+        ticks = 0
         while run.samples < budget:
             t0 = time.perf_counter()
             b = method.batch_schedule(run.steps, run.samples, batch) if method.batch_schedule else batch
@@ -628,10 +629,12 @@ def train_run(task: TaskData, method: Method, batch: int, lr: float, seed: int, 
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
-            scheduler.step()
-            train_s += time.perf_counter() - t0
             run.steps += 1
             run.samples += b
+            while ticks < run.samples // initial:  # one tick per initial batch of data: per step at a fixed batch
+                scheduler.step()
+                ticks += 1
+            train_s += time.perf_counter() - t0
             run.final_batch = b
             if clock.due(run.samples) and not record():
                 run.diverged = True
@@ -1105,7 +1108,7 @@ def code_version() -> str:
 
 def task_settings_key(settings: dict[str, Any], task: str) -> dict[str, Any]:
     """What makes runs of ``task`` comparable across invocations (per-task settings, data options)."""
-    ts = {k: v for k, v in settings["tasks"][task].items() if k != "threads"}
+    ts = {k: v for k, v in settings["tasks"][task].items() if k not in ("threads", "lrs")}  # lrs: which jobs only
     extra = {k: settings[k] for k in ("max_seq_length", "minilm_train_layers")} if task == "minilm" else {}
     return {**ts, **extra}
 
