@@ -427,7 +427,7 @@ PRESETS: dict[str, Settings] = {
     "quick": Settings(
         "quick",
         {
-            "cnn": TaskSettings(epochs=40, lrs=4, evals=8, micro_batch=1024, threads=1),
+            "cnn": TaskSettings(epochs=40, lrs=3, evals=8, micro_batch=1024, threads=1),
             "minilm": TaskSettings(epochs=20, lrs=3, evals=8, micro_batch=1024, threads=1),
         },
         jobs=2,
@@ -1174,9 +1174,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         pool = None
         results = map(execute, specs)
     bar.update(len(runs))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / f"{args.name}.partial.json"  # after every run: a killed sweep can be --reuse'd
     for run, task_meta in results:
         runs.append(run)
         meta[run.task] = task_meta
+        partial_tasks = {t: {"title": m["title"], "splits": m["splits"]} for t, m in meta.items()}
+        partial.write_text(
+            json.dumps({"settings": asdict(settings), "tasks": partial_tasks, "runs": [asdict(r) for r in runs]})
+        )
         bar.update(1)
         bar.set_postfix_str(f"last: {run.task} {run.method} B={run.batch}")
         bar.write(
@@ -1230,8 +1237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "table": [asdict(r) for r in rows],
         "runs": [asdict(r) for r in runs],
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    partial.unlink(missing_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
     (out / f"{args.name}.md").write_text(markdown(report))
     plot(report, out / f"{args.name}.png")
