@@ -849,7 +849,14 @@ def markdown(report: dict[str, Any]) -> str:
         "# Large-batch quality benchmark",
         "",
         f"Command: `{report['command']}` — preset `{s['preset']}`, {report['finished']}, "
-        f"total wall time {report['wall_time_s'] / 60:.1f} min on {report['machine']}.",
+        f"wall time {report['wall_time_s'] / 60:.1f} min on {report['machine']}"
+        + (
+            "."
+            if report.get("executed_runs", len(report["runs"])) == len(report["runs"])
+            else f" for the {report['executed_runs']} runs it executed; the other "
+            f"{len(report['runs']) - report['executed_runs']} runs were reused from earlier invocations "
+            "(`--reuse`; each run records its git commit in the JSON; see the notes)."
+        ),
         "",
         f"B0 = {B0}; every run at a task sees the same number of samples (the epoch budget) in the same order. "
         "Learning rates (at most "
@@ -1219,6 +1226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": "python bench/large_batch.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "wall_time_s": time.time() - start,
+        "executed_runs": len(todo),
         "machine": machine(),
         "b0": B0,
         "settings": asdict(settings),
