@@ -121,6 +121,7 @@ class Method:
 # Order of multipliers = order of preference when a preset keeps only the first n: the default
 # first, then larger rates (large batches usually want more), then one smaller.
 LBOPT_GRID = (1.0, 3.0, 10.0, 0.3)
+CURVATURE_GRID = (1.0, 3.0, 1 / 3, 10.0)  # CBLR/MCLR: lr 1 is the quadratic model's own step
 ADAMW_GRID = (3.0, 10.0, 1.0, 30.0)  # x 1e-4 (the recipes' AdamW default)
 METHODS: list[Method] = [
     Method("adamw_b0", "AdamW (B0)", "adamw", small_batch=True, lbopt=False, lr_multipliers=ADAMW_GRID),
@@ -145,8 +146,9 @@ METHODS: list[Method] = [
     ),
     Method("lamb", "LAMB", "lamb", lr_scaling="sqrt", lr_multipliers=LBOPT_GRID),
     Method("lars", "LARS", "lars", lr_scaling="sqrt", lr_multipliers=LBOPT_GRID),
-    Method("cblr", "CBLR", "cblr", lr_only=True, lr_multipliers=LBOPT_GRID),
-    Method("mclr", "MCLR", "mclr", lr_only=True, lr_multipliers=LBOPT_GRID),
+    # the model's step (lr 1) is already batch-aware: no LR scaling; the grid brackets it
+    Method("cblr", "CBLR", "cblr", lr_only=True, lr_multipliers=CURVATURE_GRID),
+    Method("mclr", "MCLR", "mclr", lr_only=True, lr_multipliers=CURVATURE_GRID),
     Method("adadagrad", "AdAdaGrad", "adadagrad", adaptive=True, lr_multipliers=LBOPT_GRID),
     Method("adadagradnorm", "AdAdaGradNorm", "adadagradnorm", adaptive=True, lr_multipliers=LBOPT_GRID),
 ]
