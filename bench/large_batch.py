@@ -850,14 +850,13 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Large-batch quality benchmark",
         "",
-        f"Command: `{report['command']}` — preset `{s['preset']}`, {report['finished']}, "
-        f"wall time {report['wall_time_s'] / 60:.1f} min on {report['machine']}"
+        f"Command: `{report['command']}` — preset `{s['preset']}`, {report['finished']}, on {report['machine']}: "
         + (
-            "."
+            f"wall time {report['wall_time_s'] / 60:.1f} min."
             if report.get("executed_runs", len(report["runs"])) == len(report["runs"])
-            else f" for the {report['executed_runs']} runs it executed; the other "
-            f"{len(report['runs']) - report['executed_runs']} runs were reused from earlier invocations "
-            "(`--reuse`; each run records its git commit in the JSON; see the notes)."
+            else f"this invocation ran {report['executed_runs']} of the {len(report['runs'])} runs "
+            f"({report['wall_time_s'] / 60:.1f} min); the others were reused from earlier invocations "
+            "(`--reuse`; each run records its git commit in the JSON; see the notes for their wall time)."
         ),
         "",
         f"B0 = {B0}; every run at a task sees the same number of samples (the epoch budget) in the same order. "
@@ -1082,6 +1081,19 @@ def execute(spec: tuple) -> tuple[Run, dict[str, Any]]:
 _DEFAULT_THREADS = torch.get_num_threads()
 
 
+def command_args(argv: list[str]) -> list[str]:
+    """The command line without ``--note`` texts (they are printed as notes)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--note":
+            skip = True
+        elif not a.startswith("--note="):
+            out.append(a)
+    return out
+
+
 def preset_notes(settings: Settings, tasks: list[str]) -> list[str]:
     """What the preset cut, in words, for the report."""
     notes = []
@@ -1225,7 +1237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
     report = {
         "schema": "lbopt.bench.large_batch/1",
-        "command": "python bench/large_batch.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python bench/large_batch.py " + " ".join(command_args(argv if argv is not None else sys.argv[1:])),
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "wall_time_s": time.time() - start,
         "executed_runs": len(todo),
