@@ -124,6 +124,7 @@ class Method:
 # Order of multipliers = order of preference when a preset keeps only the first n: the default
 # first, then larger rates (large batches usually want more), then one smaller.
 LBOPT_GRID = (1.0, 3.0, 10.0, 0.3)
+CURVATURE_GRID = (1.0, 3.0, 1 / 3, 10.0)  # CBLR/MCLR: lr 1 is the quadratic model's own step
 ADAMW_GRID = (3.0, 10.0, 1.0, 30.0)  # x 1e-4 (the recipes' AdamW default)
 METHODS: list[Method] = [
     Method("adamw_b0", "AdamW (B0)", "adamw", small_batch=True, lbopt=False, lr_multipliers=ADAMW_GRID),
@@ -148,8 +149,9 @@ METHODS: list[Method] = [
     ),
     Method("lamb", "LAMB", "lamb", lr_scaling="sqrt", lr_multipliers=LBOPT_GRID),
     Method("lars", "LARS", "lars", lr_scaling="sqrt", lr_multipliers=LBOPT_GRID),
-    Method("cblr", "CBLR", "cblr", lr_only=True, lr_multipliers=LBOPT_GRID),
-    Method("mclr", "MCLR", "mclr", lr_only=True, lr_multipliers=LBOPT_GRID),
+    # the model's step (lr 1) is already batch-aware: no LR scaling; the grid brackets it
+    Method("cblr", "CBLR", "cblr", lr_only=True, lr_multipliers=CURVATURE_GRID),
+    Method("mclr", "MCLR", "mclr", lr_only=True, lr_multipliers=CURVATURE_GRID),
     Method("adadagrad", "AdAdaGrad", "adadagrad", adaptive=True, lr_multipliers=LBOPT_GRID),
     Method("adadagradnorm", "AdAdaGradNorm", "adadagradnorm", adaptive=True, lr_multipliers=LBOPT_GRID),
     # Gao & Zhong's batch-size scheduling with lbopt.BatchSizeSchedule (LAMB, sqrt LR rule at every batch)
@@ -449,7 +451,7 @@ PRESETS: dict[str, Settings] = {
     "quick": Settings(
         "quick",
         {
-            "cnn": TaskSettings(epochs=40, lrs=4, evals=8, micro_batch=1024, threads=1),
+            "cnn": TaskSettings(epochs=40, lrs=3, evals=8, micro_batch=1024, threads=1),
             "minilm": TaskSettings(epochs=20, lrs=3, evals=8, micro_batch=1024, threads=1),
         },
         jobs=2,
@@ -644,6 +646,7 @@ def train_run(task: TaskData, method: Method, batch: int, lr: float, seed: int, 
                 run.diverged = True
                 break
     else:
+        ticks = 0
         while run.samples < budget:
             t0 = time.perf_counter()
             b = method.batch_schedule(run.steps, run.samples, batch, task.n_train) if method.batch_schedule else batch
@@ -663,10 +666,12 @@ def train_run(task: TaskData, method: Method, batch: int, lr: float, seed: int, 
             for g, lr_g in zip(optimizer.param_groups, saved):
                 g["lr"] = lr_g
             optimizer.zero_grad()
-            scheduler.step()
-            train_s += time.perf_counter() - t0
             run.steps += 1
             run.samples += b
+            while ticks < run.samples // initial:  # one tick per initial batch of data: per step at a fixed batch
+                scheduler.step()
+                ticks += 1
+            train_s += time.perf_counter() - t0
             run.final_batch = b
             if clock.due(run.samples) and not record():
                 run.diverged = True
@@ -880,8 +885,14 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Large-batch quality benchmark",
         "",
-        f"Command: `{report['command']}` — preset `{s['preset']}`, {report['finished']}, "
-        f"total wall time {report['wall_time_s'] / 60:.1f} min on {report['machine']}.",
+        f"Command: `{report['command']}` — preset `{s['preset']}`, {report['finished']}, on {report['machine']}: "
+        + (
+            f"wall time {report['wall_time_s'] / 60:.1f} min."
+            if report.get("executed_runs", len(report["runs"])) == len(report["runs"])
+            else f"this invocation ran {report['executed_runs']} of the {len(report['runs'])} runs "
+            f"({report['wall_time_s'] / 60:.1f} min); the others were reused from earlier invocations "
+            "(`--reuse`; each run records its git commit in the JSON; see the notes for their wall time)."
+        ),
         "",
         f"B0 = {B0}; every run at a task sees the same number of samples (the epoch budget) in the same order. "
         "Learning rates (at most "
@@ -985,7 +996,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 line = 100 * (ref["test_acc"] - TARGET_GAP)
                 ax.axhline(line, color="k", lw=0.8, ls="--")
                 ax.text(0.01, line, "ref − 1 pt", fontsize=7, va="bottom", transform=ax.get_yaxis_transform())
-                lowest = min([100 * d["test_acc"] for d in shown] + [line - 10])
+                # methods far below the line stay off the panel (the legend carries their final accuracy)
+                lowest = min([100 * d["test_acc"] for d in shown if 100 * d["test_acc"] >= line - 30] + [line - 10])
                 ax.set_ylim(max(0, lowest - 5), min(100, 100 * ref["test_acc"] + 4))
             ax.set_xscale("log")
             ax.set_xlabel("optimizer steps")
@@ -1104,6 +1116,19 @@ def execute(spec: tuple) -> tuple[Run, dict[str, Any]]:
 _DEFAULT_THREADS = torch.get_num_threads()
 
 
+def command_args(argv: list[str]) -> list[str]:
+    """The command line without ``--note`` texts (they are printed as notes)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--note":
+            skip = True
+        elif not a.startswith("--note="):
+            out.append(a)
+    return out
+
+
 def preset_notes(settings: Settings, tasks: list[str]) -> list[str]:
     """What the preset cut, in words, for the report."""
     notes = []
@@ -1140,7 +1165,7 @@ def code_version() -> str:
 
 def task_settings_key(settings: dict[str, Any], task: str) -> dict[str, Any]:
     """What makes runs of ``task`` comparable across invocations (per-task settings, data options)."""
-    ts = {k: v for k, v in settings["tasks"][task].items() if k != "threads"}
+    ts = {k: v for k, v in settings["tasks"][task].items() if k not in ("threads", "lrs")}  # lrs: which jobs only
     extra = {k: settings[k] for k in ("max_seq_length", "minilm_train_layers")} if task == "minilm" else {}
     return {**ts, **extra}
 
@@ -1205,9 +1230,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         pool = None
         results = map(execute, specs)
     bar.update(len(runs))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / f"{args.name}.partial.json"  # after every run: a killed sweep can be --reuse'd
     for run, task_meta in results:
         runs.append(run)
         meta[run.task] = task_meta
+        partial_tasks = {t: {"title": m["title"], "splits": m["splits"]} for t, m in meta.items()}
+        partial.write_text(
+            json.dumps({"settings": asdict(settings), "tasks": partial_tasks, "runs": [asdict(r) for r in runs]})
+        )
         bar.update(1)
         bar.set_postfix_str(f"last: {run.task} {run.method} B={run.batch}")
         bar.write(
@@ -1240,9 +1272,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
     report = {
         "schema": "lbopt.bench.large_batch/1",
-        "command": "python bench/large_batch.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python bench/large_batch.py " + " ".join(command_args(argv if argv is not None else sys.argv[1:])),
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "wall_time_s": time.time() - start,
+        "executed_runs": len(todo),
         "machine": machine(),
         "b0": B0,
         "settings": asdict(settings),
@@ -1261,8 +1294,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "table": [asdict(r) for r in rows],
         "runs": [asdict(r) for r in runs],
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    partial.unlink(missing_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
     (out / f"{args.name}.md").write_text(markdown(report))
     plot(report, out / f"{args.name}.png")
