@@ -152,6 +152,10 @@ METHODS: list[Method] = [
     # the model's step (lr 1) is already batch-aware: no LR scaling; the grid brackets it
     Method("cblr", "CBLR", "cblr", lr_only=True, lr_multipliers=CURVATURE_GRID),
     Method("mclr", "MCLR", "mclr", lr_only=True, lr_multipliers=CURVATURE_GRID),
+    Method("cblr_hb", "CBLR heavy ball", "cblr", lr_only=True, lr_multipliers=CURVATURE_GRID,
+           optimizer_kwargs={"model_step": False}),
+    Method("mclr_hb", "MCLR heavy ball", "mclr", lr_only=True, lr_multipliers=CURVATURE_GRID,
+           optimizer_kwargs={"model_step": False}),
     Method("adadagrad", "AdAdaGrad", "adadagrad", adaptive=True, lr_multipliers=LBOPT_GRID),
     Method("adadagradnorm", "AdAdaGradNorm", "adadagradnorm", adaptive=True, lr_multipliers=LBOPT_GRID),
     # Gao & Zhong's batch-size scheduling with lbopt.BatchSizeSchedule (LAMB, sqrt LR rule at every batch)
@@ -305,6 +309,15 @@ def _padded(ds, length: int, pad_id: int) -> Batch:
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": torch.tensor(ds["labels"])}
 
 
+def _encode_labels():
+    """The recipes' label encoder (it lives with the recipes' data-set support)."""
+    try:
+        from lbopt.data import encode_labels
+    except ImportError:
+        from recipe_support.data import encode_labels  # type: ignore[no-redef]
+    return encode_labels
+
+
 def load_minilm(settings: Settings, seed: int) -> TaskData:
     import classification  # recipes/classification.py: its model, tokenizer and encoding
     from datasets import DatasetDict, concatenate_datasets
@@ -318,6 +331,8 @@ def load_minilm(settings: Settings, seed: int) -> TaskData:
     train, val, test = parts["train"], parts["test"], shipped["validation"]
     args = recipe_args(["--max_seq_length", str(settings.max_seq_length)])
     raw = DatasetDict({"train": train, "validation": concatenate_datasets([val, test])})
+    if hasattr(classification, "load_data"):  # the recipe's label encoding (names in the recipe's order)
+        args.label_names = _encode_labels()(raw, args.label_column)
     torch.manual_seed(seed)  # the classification head's initialisation
     model, tokenizer, train_ds, evals_ds, _ = classification.build(args, raw)
     pad = tokenizer.pad_token_id
