@@ -9,6 +9,7 @@ DeepSpeed ZeRO 1/2/3 alike.
 
 from lbopt._post_import import install_integration_hooks as _install_integration_hooks
 from lbopt.batch import BatchDecision, BatchSizeController, PerSampleGradients
+from lbopt.discard import DiscardPlan, SmallLossDiscard
 from lbopt.optim import (
     CBLR,
     LAMB,
@@ -22,6 +23,7 @@ from lbopt.optim import (
     NonFiniteGradientError,
 )
 from lbopt.registry import get_optimizer_class, optimizer_names
+from lbopt.sharpness import SharpnessMonitor, SharpnessReport
 
 # DeepSpeed (if and when it is imported) learns lbopt's config names and partition layouts;
 # nothing is imported here.
@@ -40,6 +42,10 @@ __all__ = [
     "AdaGradNorm",
     "BatchDecision",
     "BatchSizeController",
+    "DiscardPlan",
+    "SmallLossDiscard",
+    "SharpnessMonitor",
+    "SharpnessReport",
     "PerSampleGradients",
     "LayerwiseOptimizer",
     "NonFiniteGradientError",
