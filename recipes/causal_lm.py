@@ -26,19 +26,34 @@ TINY = "tiny-llama"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokenizer", default=None, help="default: the model's (the local MiniLM one for tiny-llama)")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer name or folder (None: the model's; the local MiniLM one for tiny-llama)",
+    )
     p.add_argument("--tiny_hidden_size", type=int, default=128, help="width of the tiny-llama test model")
-    p.add_argument("--tiny_layers", type=int, default=2)
+    p.add_argument("--tiny_layers", type=int, default=2, help="layers of the tiny-llama test model")
 
 
 def load_data(args: argparse.Namespace):
+    """The corpus, checked: the text column present and no example without text (empty strings are fine)."""
     from lbopt.data import STDLIB_TOPICS, check_columns, load_stdlib_corpus, load_text_dataset
+
+    def check(ds) -> None:
+        check_columns(ds, args.text_column)
+        for split, part in ds.items():
+            rows = [i + 1 for i, v in enumerate(part[args.text_column]) if not isinstance(v, str)]
+            if rows:
+                raise ValueError(
+                    f"text column {args.text_column!r} is empty in {len(rows)} {split!r} examples "
+                    f"(rows {', '.join(map(str, rows[:5]))}{' ...' if len(rows) > 5 else ''}): fill or remove them"
+                )
 
     if args.dataset == STDLIB_TOPICS:
         ds = load_stdlib_corpus()
     else:
-        ds = load_text_dataset(args.dataset, validation_file=args.validation_file, seed=args.seed)
-    check_columns(ds, args.text_column)
+        ds = load_text_dataset(args.dataset, validation_file=args.validation_file, seed=args.seed, check=check)
+    check(ds)
     return ds
 
 
@@ -112,6 +127,7 @@ TASK = common.Task(
     predictions=predictions,
     metrics=("accuracy",),
     extra_eval=perplexity,
+    builtin_models=(TINY,),
 )
 
 if __name__ == "__main__":

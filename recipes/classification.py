@@ -29,14 +29,21 @@ def default_model() -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--label_column", default="label")
+    p.add_argument("--label_column", default="label", help="column holding the class (integer or string)")
 
 
 def load_data(args: argparse.Namespace):
-    from lbopt.data import check_columns, load_text_dataset
+    """The data set, checked: columns present, no empty text or label, validation labels seen in training."""
+    from lbopt.data import check_columns, check_labels, check_texts, encode_labels, load_text_dataset
 
-    ds = load_text_dataset(args.dataset, validation_file=args.validation_file, seed=args.seed)
-    check_columns(ds, args.text_column, args.label_column)
+    def check(ds) -> None:
+        check_columns(ds, args.text_column, args.label_column)
+        check_texts(ds, args.text_column)
+        check_labels(ds, args.label_column)
+
+    ds = load_text_dataset(args.dataset, validation_file=args.validation_file, seed=args.seed, check=check)
+    check(ds)  # a shipped or hub set that loads without the local-file path
+    args.label_names = encode_labels(ds, args.label_column)
     return ds
 
 
@@ -48,12 +55,9 @@ def build(args: argparse.Namespace, raw):
         train = train.select(range(min(args.max_train_samples, len(train))))
     if args.max_eval_samples:
         evals = evals.select(range(min(args.max_eval_samples, len(evals))))
-    feature = train.features[args.label_column]
-    if hasattr(feature, "names"):
-        names = list(feature.names)
-    else:  # strings or integers without names: encode the union of both splits
-        names = sorted({str(v) for v in train[args.label_column]} | {str(v) for v in evals[args.label_column]})
+    names = args.label_names  # see lbopt.data.encode_labels: ClassLabel names, or sorted text forms
     index = {name: i for i, name in enumerate(names)}
+    named = hasattr(train.features[args.label_column], "names")
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -62,7 +66,6 @@ def build(args: argparse.Namespace, raw):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
-    named = hasattr(feature, "names")
 
     def encode(batch):
         enc = tokenizer(batch[args.text_column], truncation=True, max_length=args.max_seq_length)

@@ -29,6 +29,7 @@ source .venv/bin/activate
 
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_EVALUATE_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}  # this venv's ops, built by setup.sh
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   export DS_ACCELERATOR=cpu   # DeepSpeed on CPU: gloo collectives
 fi

@@ -1,4 +1,4 @@
-"""Evaluation metrics that work offline.
+"""Evaluation metrics that work offline (recipe support, not part of the optimizer library).
 
 ``accuracy`` and ``f1`` ship here as ``evaluate`` metric modules (``lbopt/metrics/<name>/<name>.py``),
 so recipes score models on machines with no access to the Hugging Face hub.
@@ -38,7 +38,10 @@ def load_metric(name: str, **kwargs):
     load fails, the shipped script is used. A name that is neither shipped nor loadable from the
     hub raises ``ValueError``.
     """
-    import evaluate  # integration dependency: imported only when a metric is wanted
+    try:
+        import evaluate  # recipe dependency: imported only when a metric is wanted
+    except ImportError as err:
+        raise ImportError("lbopt.metrics needs the 'evaluate' package: pip install 'lbopt[recipes]'") from err
 
     if _hub_allowed():
         try:

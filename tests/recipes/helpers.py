@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +19,17 @@ if str(RECIPES) not in sys.path:
     sys.path.insert(0, str(RECIPES))
 
 
+def launch(
+    config: str,
+    recipe: str,
+    args: list[str],
+    timeout: float = 300,
+    env: dict[str, str | None] | None = None,
+    launcher_args: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file integrations/accelerate/<config> <launcher_args> recipes/<recipe> <args>``.
 
-
-
-
-def launch(config: str, recipe: str, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """``accelerate launch --config_file integrations/accelerate/<config> recipes/<recipe> <args>``."""
+    ``env`` adds to (or, with a value of None, removes from) the launch environment."""
     cmd = [
         sys.executable,
         "-m",
@@ -31,10 +38,38 @@ def launch(config: str, recipe: str, args: list[str], timeout: float = 300) -> s
         str(ACCELERATE_CONFIGS / config),
         "--main_process_port",
         str(free_port()),
+        *launcher_args,
         str(RECIPES / recipe),
         *args,
     ]
-    return subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
+    full_env = launch_env()
+    # a start-up that makes no progress ends well inside the test's own limit, naming its stage
+    full_env["LBOPT_STARTUP_TIMEOUT_S"] = str(int(min(180, timeout / 2)))
+    for key, value in (env or {}).items():
+        if value is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = value
+    # own session: on timeout the launcher *and* its ranks are killed, not just the launcher
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"launch timed out after {timeout} s:\n{stderr[-6000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def strict_json(path: Path) -> dict:
+    """Parse a JSON file, refusing the NaN / Infinity literals strict parsers reject."""
+
+    def refuse(name: str):
+        raise ValueError(f"{path} holds the non-JSON literal {name}")
+
+    return json.loads(Path(path).read_text(), parse_constant=refuse)
 
 
 def summary_of(proc: subprocess.CompletedProcess, output_dir: Path) -> dict:

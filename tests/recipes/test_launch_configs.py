@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -89,3 +90,49 @@ def test_slurm_script_runs_under_a_fake_slurm(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert (summary["world_size"], summary["zero_stage"], summary["steps"]) == (2, 2, 1)
+
+
+CHECKS = {"launched", "GPU only", "multi-host only"}
+
+
+def launch_table() -> dict[str, tuple[str, str]]:
+    """recipes/README.md's launch-file table: path under integrations/ -> (check, evidence)."""
+    text = (REPO / "recipes" / "README.md").read_text()
+    section = text.split("## How each launch file was checked", 1)[1]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`"):
+            assert cells[0].strip("`") not in rows, f"{cells[0]} listed twice"
+            rows[cells[0].strip("`")] = (cells[1], cells[2])
+    return rows
+
+
+def test_launch_table_matches_the_folder():
+    """Every launch file under integrations/ has one row; a 'launched' row names tests that mention it."""
+    import re
+
+    folder = REPO / "integrations"
+    files = {
+        str(p.relative_to(folder))
+        for sub in ("accelerate", "deepspeed_configs", "slurm")
+        for p in (folder / sub).iterdir()
+        if p.is_file()
+    }
+    table = launch_table()
+    assert set(table) == files, f"missing rows: {sorted(files - set(table))}; stale rows: {sorted(set(table) - files)}"
+    for path, (check, evidence) in table.items():
+        assert check in CHECKS, (path, check)
+        tests = re.findall(r"`(test_\w+\.py)::(test_\w+)`", evidence)
+        if check != "launched":
+            assert "not launched" in evidence or "only by" in evidence, path
+            continue
+        assert tests, f"{path}: a launched file must name its test"
+        for module, name in tests:
+            source = (REPO / "tests" / "recipes" / module).read_text()
+            body = source.split(f"def {name}(", 1)
+            assert len(body) == 2, f"{module}::{name} does not exist"
+            # the test (up to the next test) names the launch file, or the accelerate file that points at this JSON
+            code = body[1].split("\ndef test_", 1)[0]
+            stem = Path(path).stem if path.endswith(".json") else Path(path).name
+            assert stem in code or Path(path).name in source, (path, module, name)
