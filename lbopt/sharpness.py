@@ -19,7 +19,8 @@ measures, every ``every`` optimizer steps, on a fixed probe batch:
   per-layer rates (``last_layer_stats["lr/<name>"]``, every lbopt optimizer), ``2/η_l``.
 
 The probe never changes training: it runs the unwrapped module in eval mode (no dropout,
-no batch-norm statistics update) inside a forked RNG, takes gradients with
+no batch-norm statistics update; attention through its math kernel, which has a double
+backward) inside a forked RNG, takes gradients with
 ``torch.autograd.grad`` (``.grad`` and engine gradient hooks untouched) and restores every
 module's mode.
 
@@ -218,7 +219,7 @@ class SharpnessMonitor:
         modes = {m: m.training for m in module.modules()}
         module.eval()
         try:
-            with torch.random.fork_rng(devices=_rng_devices(params)), torch.enable_grad():
+            with torch.random.fork_rng(devices=_rng_devices(params)), torch.enable_grad(), _math_attention():
                 report = self._measure(step, module, named)
         finally:
             for m, training in modes.items():
@@ -287,6 +288,13 @@ class SharpnessMonitor:
     def plot(self, path: str | Path, title: str | None = None) -> Path:
         """PNG of λ_max (and each layer's Rayleigh quotient) against 2/η over the probed steps."""
         return plot_sharpness({title or "run": self.history}, path)
+
+
+def _math_attention():
+    """Scaled-dot-product attention by its math kernel: the fused ones have no double backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _default_layers(_name: str, p: torch.Tensor) -> bool:
