@@ -8,9 +8,9 @@ Per-sample losses: classification, the cross-entropy of each example; causal LM,
 sequence's mean token cross-entropy (labels shifted by one, ``-100`` ignored).
 
 ``--sharpness_every k``: every k steps :class:`lbopt.SharpnessMonitor` measures λ_max (and, with
-``--sharpness_layers``, each weight matrix's curvature along its gradient) on a fixed probe batch — this rank's slice of the
-first training examples — logs ``sharpness/*`` to the trackers and writes ``sharpness.png``
-(λ_max against 2/η) next to ``summary.json``.
+``--sharpness_layers``, each weight matrix's curvature along its gradient) on a fixed probe
+batch — this rank's slice of the first training examples — logs ``sharpness/*`` to the
+trackers and writes ``sharpness.png`` (λ_max against 2/η) next to ``summary.json``.
 """
 
 from __future__ import annotations
