@@ -25,6 +25,8 @@ class LARS(CBLR):
     direction; every other hyperparameter has CBLR's name and default. Excluded layers
     (default: ``ndim <= 1``) use ``λ = 1`` and no weight decay.
 
+    ``trust_coefficient=None`` means κ = 0.001 (LARS's value), as in CBLR's plain step.
+
     Args: see :class:`CBLR` (``lr``, ``momentum``, ``weight_decay``, ``trust_coefficient``,
     ``eps``, ``nesterov``, ``trust_clip``, ``exclude``, ``layer_grouping``, ``on_nonfinite``).
     """
@@ -35,7 +37,7 @@ class LARS(CBLR):
         lr: float = 1.0,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
-        trust_coefficient: float = 0.001,
+        trust_coefficient: float | None = None,
         eps: float = 1e-8,
         nesterov: bool = False,
         trust_clip: tuple[float, float] | None = None,

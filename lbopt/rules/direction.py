@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["adam_direction", "add_scaled_", "descend", "momentum_update"]
+__all__ = ["adam_direction", "add_scaled_", "descend", "momentum_update", "projected_momentum_step"]
 
 Tensors = list[torch.Tensor]
 
@@ -119,3 +119,35 @@ def adam_direction(
 def descend(params: Tensors, updates: Tensors, step_sizes: Sequence[float]) -> None:
     """``w ← w − α u`` per segment."""
     add_scaled_(params, updates, [-a for a in step_sizes])
+
+
+def projected_momentum_step(
+    params: Tensors,
+    grads: Tensors,
+    buffers: Tensors,
+    step_sizes: Sequence[float],
+    weight_decays: Sequence[float],
+    momentum: Sequence[float],
+    nesterov: Sequence[bool],
+) -> None:
+    """Momentum with the step size outside the buffer, in place (CBLR's model step).
+
+    ``h = g + βw``; ``m ← μm + h``; ``d = m`` (Nesterov: ``d = h + μm``); ``w ← w − s d``,
+    where ``s`` is the segment's step size (the quadratic model's step along ``d``).
+    Keeping ``s`` out of the buffer makes ``m`` a pure direction, whose scale the model's
+    projection ``⟨h, d⟩/‖d‖²`` cancels.
+    """
+    _scale_(buffers, momentum)
+    add_scaled_(buffers, grads, [1.0] * len(buffers))
+    add_scaled_(buffers, params, weight_decays)
+    nest = [i for i, n in enumerate(nesterov) if n]
+    if nest:
+        # w − s(h + μm) = (1 − sβ)w − s g − sμ m, with the old w on the right
+        p, g, v = ([x[i] for i in nest] for x in (params, grads, buffers))
+        s, b, mu = ([x[i] for i in nest] for x in (step_sizes, weight_decays, momentum))
+        _scale_(p, [1.0 - si * bi for si, bi in zip(s, b)])
+        add_scaled_(p, g, [-si for si in s])
+        add_scaled_(p, v, [-si * mi for si, mi in zip(s, mu)])
+    plain = [i for i, n in enumerate(nesterov) if not n]
+    if plain:
+        add_scaled_([params[i] for i in plain], [buffers[i] for i in plain], [-step_sizes[i] for i in plain])

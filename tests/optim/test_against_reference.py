@@ -36,8 +36,8 @@ def test_matches_reference(name, make, make_ref):
     assert rel(flat(model), flat(ref_model)) < 1e-5
 
 
-def test_cblr_secant_differs_from_lars():
-    """The secant estimate is a different method: the trajectories must differ."""
+def test_cblr_default_differs_from_lars():
+    """CBLR's default (Rayleigh secant, model step) is a different method: the trajectories must differ."""
     a, b = make_model(), make_model()
     train(a, lbopt.CBLR(a.parameters(), lr=0.5), STEPS)
     train(b, lbopt.LARS(b.parameters(), lr=0.5), STEPS)
