@@ -6,7 +6,7 @@ top Hessian eigenvalue of the training loss (:class:`lbopt.SharpnessMonitor`, fi
 every ``--every`` steps. Writes ``bench/results/sharpness_trace.{json,png}`` and prints, per run,
 the monitor's time per probe next to the time of one training step (median and spread).
 
-    python bench/sharpness_trace.py                 # ~1-2 minutes on one CPU core
+    python bench/sharpness_trace.py                 # ~2-5 minutes on one CPU core
     python bench/sharpness_trace.py --steps 100     # quicker
 """
 
@@ -58,6 +58,17 @@ def train(batch_size: int, args, data) -> tuple[SharpnessMonitor, list[float]]:
     return monitor, step_times
 
 
+def probe_batch_step_seconds(monitor: SharpnessMonitor, reps: int = 7) -> list[float]:
+    """Times of one forward + backward on the probe batch: the unit the probe's cost is given in."""
+    model, batch, times = monitor.model, monitor.probe_batch, []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        grads = torch.autograd.grad(monitor.loss_fn(model, batch), list(model.parameters()))
+        times.append(time.perf_counter() - t0)
+    del grads
+    return times
+
+
 def spread(values: list[float]) -> str:
     q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
     return f"{1e3 * statistics.median(values):.1f} ms (IQR {1e3 * q[0]:.1f}-{1e3 * q[2]:.1f})"
@@ -66,12 +77,12 @@ def spread(values: list[float]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--small", type=int, default=32)
-    p.add_argument("--large", type=int, default=2048)
-    p.add_argument("--lr", type=float, default=0.5)
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--large", type=int, default=3049, help="3049: the whole training set (full-batch GD)")
+    p.add_argument("--lr", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--every", type=int, default=10)
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--probe", type=int, default=512, help="probe batch size")
+    p.add_argument("--probe", type=int, default=3049, help="probe batch: the first N training examples")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / "sharpness_trace"))
@@ -81,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs, rows = {}, {}
     for name, b in (("small", args.small), ("large", args.large)):
         monitor, step_times = train(b, args, (train_set, classes))
+        unit = probe_batch_step_seconds(monitor)
         probes = [r.seconds for r in monitor.history[1:]]  # the first probe starts cold (no warm start)
         iters = [r.iterations for r in monitor.history[1:]]
         runs[f"batch {b} (η = {args.lr})"] = monitor.history
@@ -94,11 +106,14 @@ def main(argv: list[str] | None = None) -> dict:
             "probe_seconds_median": statistics.median(probes),
             "probe_iterations_median": statistics.median(iters),
             "step_seconds_median": statistics.median(step_times),
+            "probe_batch_forward_backward_seconds_median": statistics.median(unit),
+            "probe_in_forward_backwards": statistics.median(probes) / statistics.median(unit),
         }
         print(f"batch {b:5d}: λ_max {monitor.history[0].lambda_max:.2f} -> {last.lambda_max:.2f} "
               f"(max {rows[name]['max_lambda_max']:.2f}; 2/η = {2 / args.lr:.2f}); probe {spread(probes)}, "
               f"{statistics.median(iters):.0f} power iterations; train step {spread(step_times)}; "
-              f"probe / step = {statistics.median(probes) / statistics.median(step_times):.1f}")
+              f"probe / step = {statistics.median(probes) / statistics.median(step_times):.1f}; "
+              f"probe = {rows[name]['probe_in_forward_backwards']:.1f} forward+backward passes on the probe batch")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"config": vars(args), "runs": rows}
