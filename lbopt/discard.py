@@ -18,8 +18,8 @@ micro-batch of the step (the *scouting* pass, inside a forked RNG so that dropou
 same masks in the second pass) gives the losses, one all-gather gives the kept set, then each
 micro-batch is forwarded again and back-propagated with per-sample 0/1 weights scaled by the
 global kept count ``K``. Cost: one extra forward per micro-batch. Without accumulation (one
-micro-batch per step) :meth:`SmallLossDiscard.__call__` selects from the losses it is given: no
-extra forward.
+micro-batch per step) the losses of the step's own forward are used (:meth:`SmallLossDiscard.__call__`,
+or :meth:`~SmallLossDiscard.accumulate` with one micro-batch): no extra forward.
 
 Engines average micro-batch losses: Accelerate, DeepSpeed and the HF Trainer divide each
 micro-batch loss by the accumulation ``A``, DDP and ZeRO average gradients over the ``W`` ranks.
@@ -250,6 +250,12 @@ class SmallLossDiscard:
                 with wrap(j):
                     backward(per_sample_loss(batch).mean(), j)
             return None
+        if len(batches) == 1:  # the step's only micro-batch: select from its own forward, no scouting
+            with wrap(0):
+                losses = per_sample_loss(batches[0])
+                plan = self.select([losses])
+                backward(plan.micro_batch_loss(0, losses), 0)
+            return plan
         with torch.random.fork_rng(devices=_rng_devices()), torch.no_grad():
             scouted = [per_sample_loss(batch) for batch in batches]
         plan = self.select(scouted)

@@ -108,3 +108,22 @@ def test_causal_per_sample_loss_averages_each_sequence_over_its_labelled_tokens(
     for i, n in ((0, 4), (1, 2)):
         want = torch.nn.functional.cross_entropy(logits[i, :n], labels[i, 1 : n + 1])
         assert got[i].item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_one_micro_batch_step_selects_from_its_own_forward():
+    model, ref = P.make_model(), P.make_model()
+    batch = P.micro_batch(0, 0, 0, world=1, micro=8)
+    calls = []
+
+    def loss_fn(b):
+        calls.append(1)
+        return P.per_sample_loss(model, b)
+
+    plan = SmallLossDiscard(0.25).accumulate([batch], loss_fn, lambda loss, _j: loss.backward())
+    assert len(calls) == 1 and plan.kept == 6
+    losses = P.per_sample_loss(ref, batch)
+    keep = torch.ones(8, dtype=torch.bool)
+    keep[torch.argsort(losses.detach(), stable=True)[:2]] = False
+    losses[keep].mean().backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
