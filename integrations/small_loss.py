@@ -52,11 +52,14 @@ class SmallLossDiscardMixin:
         return batches, num_items
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
-        if not self.discard.enabled or self.discard_plan is None:
+        plan = self.discard_plan
+        if not self.discard.enabled or plan is None or not model.training:  # evaluation: the plain loss
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         losses, outputs = per_sample_loss(model, inputs)
-        loss = self.discard_plan.micro_batch_loss(self._micro_index, losses)
+        loss = plan.micro_batch_loss(self._micro_index, losses)
         self._micro_index += 1
+        if self._micro_index == len(plan.masks):  # the step's last micro-batch: the plan is used up
+            self.discard_plan = None
         return (loss, outputs) if return_outputs else loss
 
 

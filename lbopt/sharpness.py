@@ -319,7 +319,9 @@ def plot_sharpness(runs: dict[str, list[SharpnessReport]], path: str | Path) -> 
         ax.plot(steps, [r.lambda_max for r in history], "o-", color="C0", label="λ_max (top Hessian eigenvalue)")
         if any(r.two_over_lr for r in history):
             ax.plot(steps, [r.two_over_lr or math.nan for r in history], "--", color="C3", label="2/η")
-        ax.plot(steps, [r.gradient_rayleigh for r in history], ":", color="C2", label="gᵀHg/‖g‖²")
+        # a log axis: a non-positive quotient (g along negative curvature) is left out of the line
+        rq = [r.gradient_rayleigh if r.gradient_rayleigh > 0 else math.nan for r in history]
+        ax.plot(steps, rq, ":", color="C2", label="gᵀHg/‖g‖² (where > 0)")
         ax.set_yscale("log")
         ax.set_xlabel("optimizer step")
         ax.set_title(title)

@@ -47,8 +47,10 @@ def test_trainer_step_is_the_mean_over_the_globally_kept_samples(tmp_path):
     trainer = SequentialTrainer(model=model, args=args, train_dataset=data, discard_small_loss=RHO)
     order = list(range(MICRO * ACCUM))  # the samples of step 1
     trainer.train()
-    plan = trainer.discard_plan
+    plan = trainer.discard.last
     assert (plan.kept, plan.total) == (6, 8)
+    assert trainer.discard_plan is None  # used up by the step's micro-batches
+    assert trainer.evaluate(eval_dataset=data[:4])["eval_loss"] > 0  # evaluation: the plain loss
 
     ref = _model()
     ids = torch.stack([data[i]["input_ids"] for i in order])
