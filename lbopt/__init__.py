@@ -8,6 +8,7 @@ DeepSpeed ZeRO 1/2/3 alike.
 """
 
 from lbopt.batch import BatchDecision, BatchSizeController, BatchSizeSchedule, PerSampleGradients
+from lbopt.discard import DiscardPlan, SmallLossDiscard
 from lbopt.optim import (
     CBLR,
     LAMB,
@@ -21,6 +22,7 @@ from lbopt.optim import (
     NonFiniteGradientError,
 )
 from lbopt.registry import get_optimizer_class, optimizer_names
+from lbopt.sharpness import SharpnessMonitor, SharpnessReport
 
 __version__ = "0.1.0"
 
@@ -36,6 +38,10 @@ __all__ = [
     "BatchDecision",
     "BatchSizeController",
     "BatchSizeSchedule",
+    "DiscardPlan",
+    "SmallLossDiscard",
+    "SharpnessMonitor",
+    "SharpnessReport",
     "PerSampleGradients",
     "LayerwiseOptimizer",
     "NonFiniteGradientError",

@@ -38,6 +38,7 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:  # the recipes' own modules, also when common is imported from elsewhere
     sys.path.insert(0, _HERE)
 import checkpoints  # noqa: E402  (recipes/checkpoints.py)
+import data_side  # noqa: E402  (recipes/data_side.py: --discard_small_loss, --sharpness_every)
 from divergence import EXIT_DIVERGED, DivergenceGuard  # noqa: E402
 from plot import PLOTTED_LAYER_STATS, write_plot  # noqa: E402
 from startup import EXIT_STUCK, StartupWatchdog, use_venv_extensions_dir  # noqa: E402, F401  (EXIT_STUCK: API)
@@ -253,6 +254,7 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     engine.add_argument("--seed", type=int, default=42, help="seed of data order, initialisation and dropout")
     engine.add_argument("--world_size", type=int, default=None, help=argparse.SUPPRESS)  # for tests
     task.add_arguments(p.add_argument_group(f"{task.name}"))
+    data_side.add_arguments(p)
     return p
 
 
@@ -603,6 +605,7 @@ def parse_args(task: Task, argv: list[str] | None = None) -> tuple[argparse.Name
     if args.deepspeed_settings is not None and "optimizer" in args.deepspeed_settings:
         die(f"DeepSpeed config {ds_path!r} names an optimizer; the recipes build it from --optimizer: remove it")
     check_deepspeed_support(args)
+    data_side.check_args(args, die)
     for var, what in (("ACCELERATE_CONFIG_FILE", "accelerate config"),):
         if os.environ.get(var) and not os.access(os.environ[var], os.R_OK):
             die(f"{what} {os.environ[var]!r} cannot be read")
@@ -919,6 +922,8 @@ def make_step_runner(run: Run) -> StepRunner:
     """The step runner for this run's training mode."""
     if run.args.optimizer in ADAPTIVE_OPTIMIZERS or run.batch_policy is not None:
         return AdaptiveBatchRunner(run)
+    if run.args.discard_small_loss > 0:
+        return data_side.discard_runner_class(FixedBatchRunner)(run)
     return FixedBatchRunner(run)
 
 
@@ -1451,6 +1456,7 @@ def main(task: Task, argv: list[str] | None = None) -> dict:
     watchdog = start_watchdog(args)
     run = setup_run(task, args, raw, watchdog)
     runner = make_step_runner(run)
+    data_side.attach_sharpness(run)
     watchdog.stage("first step")
     stop = train(run, runner)
     diverged = run.guard.reason is not None and args.on_divergence == "stop"

@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight_decay", type=float, default=0.01)
     p.add_argument("--deepspeed", default=None, help="DeepSpeed config JSON, passed to TrainingArguments")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--discard_small_loss", type=float, default=0.0, metavar="RHO",
+                   help="drop the fraction RHO of each step's global batch with the smallest loss (0: off)")
     p.add_argument("--output_dir", default="outputs/trainer_classification")
     args = p.parse_args(argv)
     cls = lbopt.get_optimizer_class(args.optimizer)  # ValueError lists the valid names
@@ -62,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.deepspeed and args.optimizer in ADAPTIVE:
         p.error("AdAdaGrad* under DeepSpeed: AdaptiveBatchTrainer cannot follow a changing batch through the engine; "
                 "run recipes/classification.py with a ZeRO accelerate config (AdaptiveBatchLoop drives the engine)")
+    if not 0 <= args.discard_small_loss < 1 or (args.discard_small_loss and args.optimizer in ADAPTIVE):
+        p.error(f"--discard_small_loss must be in [0, 1), and 0 with AdAdaGrad*; got {args.discard_small_loss}")
     return args
 
 
@@ -120,12 +124,18 @@ def main(argv: list[str] | None = None) -> dict:
         initial = args.per_device_batch_size * args.gradient_accumulation_steps * world
         kwargs.update(initial_batch_size=initial, max_batch_size=args.max_batch_size or 8 * initial,
                       micro_batch_size=args.per_device_batch_size, world_size=world)
+    extra = {}
+    if args.discard_small_loss:
+        from lbopt.integrations.small_loss import SmallLossDiscardMixin
+
+        trainer_cls = type("SmallLossDiscardTrainer", (SmallLossDiscardMixin, trainer_cls), {})
+        extra["discard_small_loss"] = args.discard_small_loss
     ds_names_optimizer = args.deepspeed and "optimizer" in json.loads(Path(args.deepspeed).read_text())
     trainer = trainer_cls(
         model=model, args=training_args, train_dataset=train, eval_dataset=evals, processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics,
         # A DeepSpeed config that names the optimizer ("type": "CBLR") builds it itself.
-        optimizer_cls_and_kwargs=None if ds_names_optimizer else trainer_optimizer(cls, **kwargs),
+        optimizer_cls_and_kwargs=None if ds_names_optimizer else trainer_optimizer(cls, **kwargs), **extra,
     )
     # The classification loss is a per-batch mean (it ignores num_items_in_batch): divide by the accumulation.
     trainer.loss_is_scaled_for_ga = False
