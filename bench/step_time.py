@@ -167,14 +167,14 @@ def _faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def _optimizer_worker(conn, threads: int, name: str) -> None:  # noqa: ANN001
+def _optimizer_worker(conn, threads: int, name: str, count: bool = True) -> None:  # noqa: ANN001
     torch.set_num_threads(threads)
     params = make_params(transformer_shapes())
     opt = OPTIMIZERS[name](params)
     opt.step()  # state allocated outside the timing
     opt.step()
     n = sum(p.numel() for p in params)
-    read, written = count_step_bytes(opt)
+    read, written = count_step_bytes(opt) if count else (0, 0)
     conn.send({"params": n, "tensors": len(params), "state_bytes": persistent_bytes(opt),
                "impl_read": read, "impl_written": written})
     while True:
@@ -237,7 +237,7 @@ def _stop(workers: dict[str, tuple[Any, Any]]) -> None:
 
 def fresh_alone(name: str, steps: int, threads: int) -> list[float]:
     """Time ``name`` alone in a new process (2 warm-up steps, then ``steps`` steps)."""
-    proc, conn = _start(_optimizer_worker, threads, name)
+    proc, conn = _start(_optimizer_worker, threads, name, False)
     conn.recv()
     conn.send(("run", steps))
     times, _ = conn.recv()

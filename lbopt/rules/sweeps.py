@@ -51,9 +51,9 @@ class BlockSums:
 class BlockDots(BlockSums):
     """Per-segment ``Σxy`` gathered block by block."""
 
-    def add_dot(self, segment: int, x: torch.Tensor, y: torch.Tensor, exact: bool = False) -> None:
-        """``exact``: products and block sum in float64 (for sums that may cancel)."""
-        dtype = torch.float64 if exact else torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+    def add_dot(self, segment: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Products and block sum in ≥ float32 (float64 inputs: float64)."""
+        dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
         self._norms.append(torch.dot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)))
         self._owner.append(segment)
 
@@ -107,15 +107,21 @@ def layer_sums(
                 pb, hb = parts[-2], parts[-1]
                 if not scratch or scratch[0].numel() < wb.numel() or scratch[0].dtype != wb.dtype:
                     size = wb.numel() if block is None else max(block, wb.numel())
-                    scratch = [torch.empty(size, dtype=wb.dtype, device=wb.device) for _ in range(2)]
-                dh = scratch[0][: wb.numel()].view_as(wb)
-                dw = scratch[1][: wb.numel()].view_as(wb)
+                    wide = torch.promote_types(wb.dtype, torch.float64)
+                    scratch = [torch.empty(size, dtype=dt, device=wb.device) for dt in (wb.dtype, wb.dtype, wide, wide)]
+                n_b = wb.numel()
+                dh, dw = (x[:n_b].view_as(wb) for x in scratch[:2])
+                dh64, dw64 = (x[:n_b] for x in scratch[2:])
                 torch.add(gb, wb, alpha=weight_decays[i], out=dh)
                 dh.sub_(hb)
                 torch.sub(wb, pb, out=dw)
                 sq["dh2"].add(i, dh)
                 sq["dw2"].add(i, dw)
-                dots["dhdw"].add_dot(i, dh, dw, exact=True)
+                # ⟨Δh, Δw⟩ may cancel (a small curvature): products and sum in float64,
+                # through preallocated scratch (no per-block allocation).
+                dh64.copy_(dh.reshape(-1))
+                dw64.copy_(dw.reshape(-1))
+                dots["dhdw"].add_dot(i, dh64, dw64)
         if block is None:
             scratch = []  # off CPU: transient, the caching allocator lends it out again
     n = len(params)

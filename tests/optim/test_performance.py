@@ -162,6 +162,7 @@ def test_memory_at_most_adamw_plus_one_parameter_copy(name: str, memory_per_para
 COMPILE_CASES = SYNC_CASES
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(COMPILE_CASES))
 def test_compiled_step_breaks_the_graph_at_most_once(name: str) -> None:
     """``torch.compile(opt.step)``: one graph break, at the step's single host crossing."""
