@@ -78,8 +78,8 @@ def layer_sums(
 
     Always ``w2 = ‖w‖²``, ``g2 = ‖g‖²``. With momentum ``buffers`` (None where a segment has
     none yet: its sums are 0): ``gm = ⟨g, m⟩``, ``mm = ‖m‖²`` and, ``with_decay_dots``,
-    ``gw = ⟨g, w⟩``, ``wm = ⟨w, m⟩``. With ``history = (w_prev, h_prev)`` (None where a
-    segment has none): ``dh2 = ‖Δh‖²``, ``dhdw = ⟨Δh, Δw⟩`` (products in float64),
+    ``gw = ⟨g, w⟩``, ``wm = ⟨w, m⟩`` (on decayed segments). With ``history = (w_prev, h_prev)``
+    (None where a segment has none): ``dh2 = ‖Δh‖²``, ``dhdw = ⟨Δh, Δw⟩``,
     ``dw2 = ‖Δw‖²``, with ``Δh = (g + βw) − h_prev``, ``Δw = w − w_prev``. Changes no
     state; ``Δh``, ``Δw`` live in two block-sized scratch buffers.
     """
@@ -100,28 +100,21 @@ def layer_sums(
                 mb = parts[2]
                 dots["gm"].add_dot(i, gb, mb)
                 sq["mm"].add(i, mb)
-                if with_decay_dots:
+                if with_decay_dots and weight_decays[i] != 0.0:  # β·⟨g, w⟩ is 0 where β is
                     dots["gw"].add_dot(i, gb, wb)
                     dots["wm"].add_dot(i, wb, mb)
             if secant:
                 pb, hb = parts[-2], parts[-1]
                 if not scratch or scratch[0].numel() < wb.numel() or scratch[0].dtype != wb.dtype:
                     size = wb.numel() if block is None else max(block, wb.numel())
-                    wide = torch.promote_types(wb.dtype, torch.float64)
-                    scratch = [torch.empty(size, dtype=dt, device=wb.device) for dt in (wb.dtype, wb.dtype, wide, wide)]
-                n_b = wb.numel()
-                dh, dw = (x[:n_b].view_as(wb) for x in scratch[:2])
-                dh64, dw64 = (x[:n_b] for x in scratch[2:])
+                    scratch = [torch.empty(size, dtype=wb.dtype, device=wb.device) for _ in range(2)]
+                dh, dw = (x[: wb.numel()].view_as(wb) for x in scratch)
                 torch.add(gb, wb, alpha=weight_decays[i], out=dh)
                 dh.sub_(hb)
                 torch.sub(wb, pb, out=dw)
                 sq["dh2"].add(i, dh)
                 sq["dw2"].add(i, dw)
-                # ⟨Δh, Δw⟩ may cancel (a small curvature): products and sum in float64,
-                # through preallocated scratch (no per-block allocation).
-                dh64.copy_(dh.reshape(-1))
-                dw64.copy_(dw.reshape(-1))
-                dots["dhdw"].add_dot(i, dh64, dw64)
+                dots["dhdw"].add_dot(i, dh, dw)  # per-block partial sums, float64 across blocks
         if block is None:
             scratch = []  # off CPU: transient, the caching allocator lends it out again
     n = len(params)
