@@ -8,9 +8,13 @@ How the timing is made trustworthy
     another); the parent interleaves them round by round (every worker runs a few steps per
     round, in alternating order), so machine noise hits all of them alike while no
     optimizer's allocations disturb another's heap. Earlier versions kept all optimizers
-    in one process: glibc then returned the freed model-sized temporaries of one optimizer
-    to the OS and the next one paged them in again, which made the in-process AdamW 2-3x
-    slower than AdamW alone. The minor page faults per step are printed to show it. After
+    in one process. AdamW(foreach=True) allocates a model-sized temporary every step
+    (``_foreach_sqrt``); whether glibc keeps that memory or returns it to the kernel (and the
+    next step faults 48k pages in again) depends on the heap's layout, i.e. on what else the
+    process allocated — that made the in-process AdamW 2-3x slower than AdamW alone, and it
+    still varies from process to process. ``--malloc pinned`` (default) sets glibc's mmap and
+    trim thresholds to 1 GiB in every worker, so no optimizer faults memory in per step
+    (AdamW's best case); the minor page faults per step are printed to show it. After
     the interleaved rounds every optimizer is timed once more **alone in a fresh process**
     (``--fresh-steps``) and both figures are printed side by side.
 
@@ -167,14 +171,14 @@ def _faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def _optimizer_worker(conn, threads: int, name: str) -> None:  # noqa: ANN001
+def _optimizer_worker(conn, threads: int, name: str, count: bool = True) -> None:  # noqa: ANN001
     torch.set_num_threads(threads)
     params = make_params(transformer_shapes())
     opt = OPTIMIZERS[name](params)
     opt.step()  # state allocated outside the timing
     opt.step()
     n = sum(p.numel() for p in params)
-    read, written = count_step_bytes(opt)
+    read, written = count_step_bytes(opt) if count else (0, 0)
     conn.send({"params": n, "tensors": len(params), "state_bytes": persistent_bytes(opt),
                "impl_read": read, "impl_written": written})
     while True:
@@ -237,7 +241,7 @@ def _stop(workers: dict[str, tuple[Any, Any]]) -> None:
 
 def fresh_alone(name: str, steps: int, threads: int) -> list[float]:
     """Time ``name`` alone in a new process (2 warm-up steps, then ``steps`` steps)."""
-    proc, conn = _start(_optimizer_worker, threads, name)
+    proc, conn = _start(_optimizer_worker, threads, name, False)
     conn.recv()
     conn.send(("run", steps))
     times, _ = conn.recv()
@@ -342,8 +346,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--only", nargs="*", default=list(OPTIMIZERS), help="optimizers to run (AdamW always runs)")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--malloc", choices=["pinned", "default"], default="pinned",
+                    help="pinned: workers keep freed memory (no per-step page faults for anyone; AdamW's "
+                         "best case); default: glibc's own trimming, which may or may not fault AdamW's "
+                         "temporaries in again every step")
     args = ap.parse_args()
     names = ["AdamW"] + [n for n in args.only if n != "AdamW"]
+    if args.malloc == "pinned":  # read by glibc when each spawned worker starts
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 30))
+        os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 30))
 
     load_before = os.getloadavg()
     workers = {name: _start(_optimizer_worker, args.threads, name) for name in names}
@@ -373,6 +384,7 @@ def main() -> None:
 
     res = summarise(info, times, faults, stream, fresh)
     res.update({"torch": torch.__version__, "threads": args.threads, "steps_per_round": args.steps,
+                "malloc": args.malloc,
                 "loadavg_before": load_before, "loadavg_after": load_after, "cpus": os.cpu_count()})
     print_table(res, args.threads, args.steps)
     print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} on {os.cpu_count()} CPUs")

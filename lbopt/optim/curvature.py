@@ -21,10 +21,11 @@ from lbopt.optim.base import (
     LayerGrouping,
     LayerwiseOptimizer,
     StepPlan,
+    StepStatistics,
     check_clip,
     check_range,
 )
-from lbopt.rules.direction import add_scaled_, descend, momentum_update, projected_momentum_step
+from lbopt.rules.direction import CPU_BLOCK, add_scaled_, descend, momentum_update, projected_momentum_step
 from lbopt.rules.scale import (
     curvature_rate,
     limit_growth,
@@ -33,6 +34,7 @@ from lbopt.rules.scale import (
     ratio_ema_update,
     weight_ratio_curvature,
 )
+from lbopt.rules.sweeps import heavy_ball_, layer_sums, projected_heavy_ball_
 from lbopt.stats import Quantity, dot, sq_norm
 
 __all__ = ["CBLR", "CURVATURE_ESTIMATORS", "MCLR"]
@@ -419,7 +421,93 @@ class CBLR(LayerwiseOptimizer):
             factors = torch.where(ok, torch.minimum(factors, cap), factors)
         return factors
 
-    # ------------------------------------------------------------------ the step
+    # ------------------------------------------------------------------ the two-phase step
+    # Momentum direction with the rayleigh / secant / weight_ratio estimators: phase 1 reads
+    # every array once for all sums (one all-reduce) and computes the rates without changing
+    # state; ``step()`` takes the finiteness flag, the per-layer step sizes and μ to the host
+    # in one transfer; phase 2 applies the update and records the secant history in one more
+    # sweep. ``hvp`` (closure probes) and the Adam direction (its moments must change before
+    # its projection) use ``_step`` below.
+    def _statistics(self, plan: StepPlan) -> StepStatistics | None:
+        if self.curvature == "hvp" or self.direction != "momentum":
+            return None
+        layout = plan.layout
+        params = layout.views()
+        grads = layout.views([t.grad for t in layout.tensors])
+        dev = plan.stats.device
+        wd_seg = self.seg_weight_decay(plan)
+        wd_l = self.layer_weight_decay(dev)
+        sums = self._swept_sums(plan, params, grads, wd_seg)
+        present = sums["count"] > 0
+        before = dict(self.layer_state)  # phase 1 computes the new per-layer state, phase 2 commits it
+        curvature, fallback = self._estimate(plan, params, sums, wd_l)
+        lr_l = self.layer_hparam("lr", dev)
+        if self.model_step:
+            rates = self._model_rates(curvature, fallback, present)
+            h_dot_d, d_sq, mu = self._momentum_projection(sums, wd_l)
+            step_l = lr_l * self._clip(rates * self._projection(h_dot_d, d_sq, present), sums, d_sq, lr_l)
+            logged = dict(lr=step_l, curvature=curvature, rate=rates)
+        elif self.curvature != "weight_ratio":
+            step_l, mu, rates = self._heavy_ball_rates(sums, curvature, fallback, present, lr_l, wd_l)
+            logged = dict(lr=step_l, curvature=curvature, rate=rates)
+        else:
+            step_l = lr_l * self._plain_factors(curvature, fallback, present)
+            mu = self.layer_hparam("momentum", dev)
+            logged = dict(lr=step_l, curvature=torch.where(torch.isnan(curvature), fallback, curvature))
+        after, self.layer_state = self.layer_state, before
+        return StepStatistics(
+            guard=torch.where(present, sums["g2"], 0.0),
+            to_host=torch.cat([step_l, mu]),
+            values=dict(params=params, grads=grads, wd_seg=wd_seg, present=present, logged=logged, layer_state=after),
+        )
+
+    def _update(self, plan: StepPlan, stats: StepStatistics, host: list[float]) -> None:
+        v = stats.values
+        layout = plan.layout
+        self.layer_state = v["layer_state"]
+        self._bump_step()
+        self.record_layer_stats(v["present"], **v["logged"])
+        n = self.table.num_layers
+        step_sizes = [host[layer] for layer in plan.seg_layer]
+        mu = [host[n + layer] for layer in plan.seg_layer]
+        nesterov = [bool(x) for x in self.seg_hparam(plan, "nesterov")]
+        bufs = layout.views([self.buffer(t, "momentum_buffer") for t in layout.tensors])
+        history = None
+        if self.curvature in _HISTORY:
+            history = (layout.views([self.buffer(t, "prev_param") for t in layout.tensors]),
+                       layout.views([self.buffer(t, "prev_grad") for t in layout.tensors]))
+        sweep = projected_heavy_ball_ if self.model_step else heavy_ball_
+        sweep(v["params"], v["grads"], bufs, step_sizes, v["wd_seg"], mu, nesterov, history=history,
+              block=self._block(layout))
+
+    @staticmethod
+    def _block(layout) -> int | None:
+        on_cpu = bool(layout.tensors) and layout.tensors[0].device.type == "cpu"
+        return CPU_BLOCK if on_cpu else None
+
+    def _swept_sums(self, plan: StepPlan, params, grads, wd_seg: list[float]) -> dict[str, torch.Tensor]:
+        """The sums of :meth:`_gather` from one read of every array (:func:`lbopt.rules.sweeps.layer_sums`)."""
+        layout = plan.layout
+
+        def held(name: str) -> list[torch.Tensor | None]:
+            out = []
+            for seg in layout.segments:
+                t = layout.tensors[seg.tensor]
+                buf = self.state[t].get(name) if t in self.state else None
+                out.append(None if buf is None else segment_view(buf, seg))
+            return out
+
+        bufs = held("momentum_buffer") if self.model_step or self.curvature != "weight_ratio" else None
+        history = (held("prev_param"), held("prev_grad")) if self.curvature in _HISTORY else None
+        per_seg = layer_sums(params, grads, wd_seg, bufs, history, with_decay_dots=bufs is not None and any(wd_seg),
+                             block=self._block(layout))
+        names = list(per_seg)
+        sums = plan.stats.sums([Quantity((), values=per_seg[k]) for k in names])
+        out = {k: sums[i] for i, k in enumerate(names)}
+        out["count"] = sums[-1]
+        return out
+
+    # ------------------------------------------------------------------ the one-phase step
     def _step(self, plan: StepPlan) -> None:
         layout = plan.layout
         params = layout.views()
@@ -474,6 +562,17 @@ class CBLR(LayerwiseOptimizer):
         """
         layout = plan.layout
         dev = lr_l.device
+        alpha, mu, rates = self._heavy_ball_rates(sums, curvature, fallback, present, lr_l, wd_l)
+        self.record_layer_stats(present, lr=alpha, curvature=curvature, rate=rates)
+        momentum_update(
+            params, grads, layout.views([self.buffer(t, "momentum_buffer") for t in layout.tensors]),
+            plan.seg_values(alpha), wd_seg, plan.seg_values(mu),
+            [bool(v) for v in plan.seg_values(self.layer_hparam("nesterov", dev))],
+        )
+
+    def _heavy_ball_rates(self, sums, curvature, fallback, present, lr_l, wd_l):
+        """``(η r_l, μ_l, r_l)`` of :meth:`_heavy_ball`, after the whole-step trust region."""
+        dev = lr_l.device
         rates = self._model_rates(curvature, fallback, present)
         clip = self.trust_clip()
         if clip is not None:
@@ -490,12 +589,7 @@ class CBLR(LayerwiseOptimizer):
             ok = (w_norm > 0) & (v_new > 0)
             shrink = torch.where(ok, (self.max_update * w_norm / torch.where(ok, v_new, 1.0)).clamp(max=1.0), 1.0)
             alpha, mu = alpha * shrink, mu * shrink
-        self.record_layer_stats(present, lr=alpha, curvature=curvature, rate=rates)
-        momentum_update(
-            params, grads, layout.views([self.buffer(t, "momentum_buffer") for t in layout.tensors]),
-            plan.seg_values(alpha), wd_seg, plan.seg_values(mu),
-            [bool(v) for v in plan.seg_values(self.layer_hparam("nesterov", dev))],
-        )
+        return alpha, mu, rates
 
     def _momentum_projection(self, sums: dict[str, torch.Tensor], wd_l: torch.Tensor):
         """``⟨h, d⟩``, ``‖d‖²`` of the new momentum direction (from the old buffer's sums) and the μ used.

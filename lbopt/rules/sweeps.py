@@ -51,9 +51,9 @@ class BlockSums:
 class BlockDots(BlockSums):
     """Per-segment ``Σxy`` gathered block by block."""
 
-    def add_dot(self, segment: int, x: torch.Tensor, y: torch.Tensor, exact: bool = False) -> None:
-        """``exact``: products and block sum in float64 (for sums that may cancel)."""
-        dtype = torch.float64 if exact else torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+    def add_dot(self, segment: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Products and block sum in ≥ float32 (float64 inputs: float64)."""
+        dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
         self._norms.append(torch.dot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)))
         self._owner.append(segment)
 
@@ -78,11 +78,13 @@ def layer_sums(
 
     Always ``w2 = ‖w‖²``, ``g2 = ‖g‖²``. With momentum ``buffers`` (None where a segment has
     none yet: its sums are 0): ``gm = ⟨g, m⟩``, ``mm = ‖m‖²`` and, ``with_decay_dots``,
-    ``gw = ⟨g, w⟩``, ``wm = ⟨w, m⟩``. With ``history = (w_prev, h_prev)`` (None where a
-    segment has none): ``dh2 = ‖Δh‖²``, ``dhdw = ⟨Δh, Δw⟩`` (products in float64),
+    ``gw = ⟨g, w⟩``, ``wm = ⟨w, m⟩`` (on decayed segments). With ``history = (w_prev, h_prev)``
+    (None where a segment has none): ``dh2 = ‖Δh‖²``, ``dhdw = ⟨Δh, Δw⟩``,
     ``dw2 = ‖Δw‖²``, with ``Δh = (g + βw) − h_prev``, ``Δw = w − w_prev``. Changes no
     state; ``Δh``, ``Δw`` live in two block-sized scratch buffers.
     """
+    if block is not None:
+        return _layer_sums_gram(params, grads, weight_decays, buffers, history, with_decay_dots, block)
     device = params[0].device if params else torch.device("cpu")
     sq = {k: BlockSums() for k in ("w2", "g2", "mm", "dh2", "dw2")}
     dots = {k: BlockDots() for k in ("gm", "gw", "wm", "dhdw")}
@@ -100,7 +102,7 @@ def layer_sums(
                 mb = parts[2]
                 dots["gm"].add_dot(i, gb, mb)
                 sq["mm"].add(i, mb)
-                if with_decay_dots:
+                if with_decay_dots and weight_decays[i] != 0.0:  # β·⟨g, w⟩ is 0 where β is
                     dots["gw"].add_dot(i, gb, wb)
                     dots["wm"].add_dot(i, wb, mb)
             if secant:
@@ -108,14 +110,13 @@ def layer_sums(
                 if not scratch or scratch[0].numel() < wb.numel() or scratch[0].dtype != wb.dtype:
                     size = wb.numel() if block is None else max(block, wb.numel())
                     scratch = [torch.empty(size, dtype=wb.dtype, device=wb.device) for _ in range(2)]
-                dh = scratch[0][: wb.numel()].view_as(wb)
-                dw = scratch[1][: wb.numel()].view_as(wb)
+                dh, dw = (x[: wb.numel()].view_as(wb) for x in scratch)
                 torch.add(gb, wb, alpha=weight_decays[i], out=dh)
                 dh.sub_(hb)
                 torch.sub(wb, pb, out=dw)
                 sq["dh2"].add(i, dh)
                 sq["dw2"].add(i, dw)
-                dots["dhdw"].add_dot(i, dh, dw, exact=True)
+                dots["dhdw"].add_dot(i, dh, dw)  # per-block partial sums, float64 across blocks
         if block is None:
             scratch = []  # off CPU: transient, the caching allocator lends it out again
     n = len(params)
@@ -256,3 +257,63 @@ def projected_heavy_ball_(
                 wb.mul_(1.0 - s * b).sub_(gb, alpha=s).sub_(mb, alpha=s * mu)
             else:
                 wb.sub_(mb, alpha=s)
+
+
+# Row order of the per-block matrix X in :func:`_layer_sums_gram`; every sum is an entry of X Xᵀ.
+_ROWS = {"w": 0, "g": 1, "m": 2, "dh": 3, "dw": 4}
+_ENTRIES = {
+    "w2": ("w", "w"), "g2": ("g", "g"), "gm": ("g", "m"), "mm": ("m", "m"), "gw": ("g", "w"),
+    "wm": ("w", "m"), "dh2": ("dh", "dh"), "dhdw": ("dh", "dw"), "dw2": ("dw", "dw"),
+}
+
+
+def _layer_sums_gram(params, grads, weight_decays, buffers, history, with_decay_dots, block):  # noqa: ANN001
+    """:func:`layer_sums` on CPU: per cache block, the rows ``w, g, m, Δh, Δw`` go into one
+    ``5 × block`` scratch matrix and a single matrix product ``X Xᵀ`` yields all nine sums
+    (one BLAS call instead of nine reductions). Absent rows (no momentum buffer or history
+    yet) are zero. Block Gram matrices are summed per segment in float64."""
+    device = params[0].device if params else torch.device("cpu")
+    grams: list[torch.Tensor] = []
+    scratch: torch.Tensor | None = None
+    for i, (w, g) in enumerate(zip(params, grads)):
+        m = buffers[i] if buffers is not None else None
+        wp, hp = (history[0][i], history[1][i]) if history is not None else (None, None)
+        secant = wp is not None and hp is not None
+        arrays = [w, g] + ([m] if m is not None else []) + ([wp, hp] if secant else [])
+        total = None
+        for parts in zip(*(blocks(x, block) for x in arrays)):
+            wb, gb = parts[0].reshape(-1), parts[1].reshape(-1)
+            n = wb.numel()
+            if scratch is None or scratch.shape[1] < n or scratch.dtype != wb.dtype:
+                scratch = torch.empty(len(_ROWS), max(block, n), dtype=wb.dtype, device=wb.device)
+            x = scratch[:, :n]
+            x[_ROWS["w"]].copy_(wb)
+            x[_ROWS["g"]].copy_(gb)
+            if m is not None:
+                x[_ROWS["m"]].copy_(parts[2].reshape(-1))
+            else:
+                x[_ROWS["m"]].zero_()
+            if secant:
+                dh, dw = x[_ROWS["dh"]], x[_ROWS["dw"]]
+                torch.add(gb, wb, alpha=weight_decays[i], out=dh)
+                dh.sub_(parts[-1].reshape(-1))
+                torch.sub(wb, parts[-2].reshape(-1), out=dw)
+            else:
+                x[_ROWS["dh"]:].zero_()
+            gram = torch.mm(x, x.t()).to(torch.float64)
+            total = gram if total is None else total + gram
+        grams.append(total if total is not None else torch.zeros(len(_ROWS), len(_ROWS), dtype=torch.float64))
+    stacked = torch.stack(grams).to(device) if grams else torch.zeros(0, len(_ROWS), len(_ROWS), dtype=torch.float64)
+    keys = ["w2", "g2"]
+    if buffers is not None:
+        keys += ["gm", "mm"] + (["gw", "wm"] if with_decay_dots else [])
+    if history is not None:
+        keys += ["dh2", "dhdw", "dw2"]
+    out = {}
+    for key in keys:
+        a, b = _ENTRIES[key]
+        out[key] = stacked[:, _ROWS[a], _ROWS[b]]
+    if "gw" in out:  # β·⟨g, w⟩ and β·⟨w, m⟩ only count where the segment decays
+        decays = torch.tensor([b != 0.0 for b in weight_decays], device=device)
+        out["gw"], out["wm"] = (torch.where(decays, out[k], 0.0) for k in ("gw", "wm"))
+    return out

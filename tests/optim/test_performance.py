@@ -162,6 +162,7 @@ def test_memory_at_most_adamw_plus_one_parameter_copy(name: str, memory_per_para
 COMPILE_CASES = SYNC_CASES
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(COMPILE_CASES))
 def test_compiled_step_breaks_the_graph_at_most_once(name: str) -> None:
     """``torch.compile(opt.step)``: one graph break, at the step's single host crossing."""
@@ -240,3 +241,19 @@ def test_blocked_sweeps_equal_the_formulas() -> None:
         outs[block] = work
     for a, b in zip(outs[None], outs[16]):
         assert torch.equal(a, b)
+
+
+def test_layer_sums_by_gram_blocks_equal_the_plain_sums() -> None:
+    from lbopt.rules.sweeps import layer_sums
+
+    w, g, m, wp, hp = _arrays(100, 3, 5)
+    beta = [0.1, 0.0, 0.01]
+    bufs = [m[0], None, m[2]]
+    hist = ([wp[0], wp[1], None], [hp[0], hp[1], None])
+    plain = layer_sums(w, g, beta, bufs, hist, with_decay_dots=True, block=None)
+    gram = layer_sums(w, g, beta, bufs, hist, with_decay_dots=True, block=16)
+    assert plain.keys() == gram.keys()
+    for key in plain:
+        torch.testing.assert_close(gram[key], plain[key], rtol=1e-5, atol=1e-4, msg=key)
+    dh = g[0] + 0.1 * w[0] - hp[0]
+    torch.testing.assert_close(gram["dhdw"][0], (dh.double() * (w[0] - wp[0]).double()).sum(), rtol=1e-5, atol=1e-4)
