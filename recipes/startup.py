@@ -56,11 +56,11 @@ def use_venv_extensions_dir() -> str:
 
 
 def building_extension(thread_id: int) -> bool:
-    """Whether the thread is compiling a torch extension itself (it holds the build lock then)."""
+    """Whether the thread is running torch's ninja build of an extension (it holds the build lock then)."""
     frame = sys._current_frames().get(thread_id)
     while frame is not None:
-        if frame.f_code.co_name == "_jit_compile" and frame.f_code.co_filename.endswith("cpp_extension.py"):
-            return waiting_on_lock(thread_id) is None
+        if frame.f_code.co_name == "_run_ninja_build" and frame.f_code.co_filename.endswith("cpp_extension.py"):
+            return True
         frame = frame.f_back
     return False
 
