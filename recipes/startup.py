@@ -52,6 +52,13 @@ def use_venv_extensions_dir() -> str:
     """
     if not os.environ.get("TORCH_EXTENSIONS_DIR"):
         os.environ["TORCH_EXTENSIONS_DIR"] = str(default_extensions_dir())
+    # One ninja for every build of this folder: ninja versions hash command lines differently
+    # (1.11 vs 1.13), so alternating the system's and the virtualenv's ninja recompiles the op on
+    # every launch (minutes, under the lock). Prefer the virtualenv's when it has one.
+    venv_bin = Path(sys.executable).parent
+    path = os.environ.get("PATH", "")
+    if (venv_bin / "ninja").exists() and not path.startswith(str(venv_bin) + os.pathsep):
+        os.environ["PATH"] = str(venv_bin) + os.pathsep + path
     return os.environ["TORCH_EXTENSIONS_DIR"]
 
 
