@@ -52,15 +52,22 @@ def use_venv_extensions_dir() -> str:
     """
     if not os.environ.get("TORCH_EXTENSIONS_DIR"):
         os.environ["TORCH_EXTENSIONS_DIR"] = str(default_extensions_dir())
+    # One ninja for every build of this folder: ninja versions hash command lines differently
+    # (1.11 vs 1.13), so alternating the system's and the virtualenv's ninja recompiles the op on
+    # every launch (minutes, under the lock). Prefer the virtualenv's when it has one.
+    venv_bin = Path(sys.executable).parent
+    path = os.environ.get("PATH", "")
+    if (venv_bin / "ninja").exists() and not path.startswith(str(venv_bin) + os.pathsep):
+        os.environ["PATH"] = str(venv_bin) + os.pathsep + path
     return os.environ["TORCH_EXTENSIONS_DIR"]
 
 
 def building_extension(thread_id: int) -> bool:
-    """Whether the thread is compiling a torch extension itself (it holds the build lock then)."""
+    """Whether the thread is running torch's ninja build of an extension (it holds the build lock then)."""
     frame = sys._current_frames().get(thread_id)
     while frame is not None:
-        if frame.f_code.co_name == "_jit_compile" and frame.f_code.co_filename.endswith("cpp_extension.py"):
-            return waiting_on_lock(thread_id) is None
+        if frame.f_code.co_name == "_run_ninja_build" and frame.f_code.co_filename.endswith("cpp_extension.py"):
+            return True
         frame = frame.f_back
     return False
 
