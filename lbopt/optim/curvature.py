@@ -617,7 +617,9 @@ class CBLR(LayerwiseOptimizer):
     def _projection(self, h_dot_d: torch.Tensor, d_sq: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """Per-layer ``max(⟨h,d⟩,0)/‖d‖²``; MCLR pools all layers into one projection (one rate)."""
         if self.uses_median:
-            return model_projection(h_dot_d[present].sum(), d_sq[present].sum()).expand_as(h_dot_d)
+            zero = torch.zeros_like(h_dot_d)  # masked sums without boolean indexing (no host sync)
+            pooled = model_projection(torch.where(present, h_dot_d, zero).sum(), torch.where(present, d_sq, zero).sum())
+            return pooled.expand_as(h_dot_d)
         return model_projection(h_dot_d, d_sq)
 
     def _plain_update(self, plan: StepPlan, params, grads, step_sizes, wd_seg) -> None:
