@@ -712,7 +712,7 @@ def _configure_deepspeed(accelerator, args: argparse.Namespace) -> bool:
     if plugin is None:
         return False
     cfg = plugin.deepspeed_config
-    # lbopt's optimizers are not on DeepSpeed's tested list (until lbopt.integrations.deepspeed registers them)
+    # the recipes hand DeepSpeed a client optimizer object (lbopt's or AdamW), which DeepSpeed calls untested
     cfg["zero_allow_untested_optimizer"] = True
     zero = cfg.get("zero_optimization", {})
     if zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None):
@@ -1478,9 +1478,3 @@ def main(task: Task, argv: list[str] | None = None) -> dict:
         raise SystemExit(EXIT_DIVERGED)
     return summary
 
-
-def add_recipes_to_path() -> None:
-    """Let ``import common`` work when a recipe is imported from elsewhere (tests)."""
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:
-        sys.path.insert(0, here)
