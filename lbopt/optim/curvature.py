@@ -419,10 +419,8 @@ class CBLR(LayerwiseOptimizer):
         if clip is not None:
             factors = factors.clamp(clip[0], clip[1])
         if self.max_update is not None:
-            # adapted layers only: an excluded layer (a bias, a norm, a freshly initialised head the
-            # user excluded) has no meaningful scale of its own to be relative to
             w_norm, d_norm = sums["w2"].sqrt(), d_sq.clamp(min=0).sqrt()
-            ok = (w_norm > 0) & (d_norm > 0) & (lr_l > 0) & self.layer_mask("adapt", w_norm.device)
+            ok = (w_norm > 0) & (d_norm > 0) & (lr_l > 0)
             cap = self.max_update * w_norm / torch.where(ok, lr_l * d_norm, 1.0)
             factors = torch.where(ok, torch.minimum(factors, cap), factors)
         return factors
@@ -592,7 +590,7 @@ class CBLR(LayerwiseOptimizer):
         if self.max_update is not None:
             v_new = (mu**2 * sums["mm"] + 2 * mu * alpha * hv + alpha**2 * hh).clamp(min=0).sqrt()
             w_norm = sums["w2"].sqrt()
-            ok = (w_norm > 0) & (v_new > 0) & self.layer_mask("adapt", w_norm.device)  # as in _clip
+            ok = (w_norm > 0) & (v_new > 0)
             shrink = torch.where(ok, (self.max_update * w_norm / torch.where(ok, v_new, 1.0)).clamp(max=1.0), 1.0)
             alpha, mu = alpha * shrink, mu * shrink
         return alpha, mu, rates

@@ -161,6 +161,6 @@ class RefCBLR:
             self.m[i].copy_(new_m[i])
             lam = (rates[i] or 0.0) * proj[i]
             wn, dn = float(p.double().norm()), dd[i] ** 0.5
-            if wn > 0 and dn > 0 and _adapted(p):  # relative trust region ‖η λ d‖ ≤ τ_max ‖w‖ (adapted only)
+            if wn > 0 and dn > 0:  # relative trust region ‖η λ d‖ ≤ τ_max ‖w‖
                 lam = min(lam, self.max_update * wn / (self.lr * dn))
             p.sub_((self.lr * lam * new_m[i]).to(p.dtype))
