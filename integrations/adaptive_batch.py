@@ -383,7 +383,7 @@ def _make_trainer_class() -> type:
             return {"args": {}, "attributes": {
                 "epoch_index": t._epoch_index, "micro_in_epoch": t._micro_in_epoch, "samples_seen": t.samples_seen,
                 "accumulation": t.args.gradient_accumulation_steps, "ticks": schedule.ticks if schedule else 0,
-                "policy": None if t._owned() else _jsonable(t.batch_controller.state_dict()),
+                "policy": None if t._policy_pending() or t._owned() else _jsonable(t.batch_controller.state_dict()),
             }}
 
         def on_epoch_begin(self, args, state, control, **kwargs):  # noqa: D102
@@ -480,6 +480,11 @@ def _make_trainer_class() -> type:
 
         def _owned(self) -> bool:
             return _owns(self.optimizer, self.batch_controller)
+
+        def _policy_pending(self) -> bool:
+            """No policy yet: the optimizer comes from ``optimizer_cls_and_kwargs`` and is not built yet
+            (the Trainer asks its callbacks for their state before it creates the optimizer)."""
+            return self.optimizer is None and self._given_controller is None
 
         def _get_grad_norm(self, model, grad_norm=None):  # noqa: D102 - remember the pre-clip norm
             out = super()._get_grad_norm(model, grad_norm=grad_norm)
