@@ -178,7 +178,7 @@ def test_zero2_offload_causal_lm(tmp_path):
     ]  # fmt: skip
     s = summary_of(launch("deepspeed_zero2_offload.yaml", "causal_lm.py", args), out)
     assert (s["zero_stage"], s["steps"], s["optimizer_updates"]) == (2, 2, 2)
-    assert {k.split("/")[0] for k in s["last_layer_stats"]} == {"lr", "curvature"}
+    assert {k.split("/")[0] for k in s["last_layer_stats"]} == {"lr", "curvature", "rate"}
 
 
 def test_a_stale_extension_lock_ends_the_launch_naming_it(tmp_path):
