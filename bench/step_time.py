@@ -98,10 +98,10 @@ OPTIMIZERS = {
 #   LARS : sweep 1 reads g, w (‖g‖, ‖w‖); sweep 2 reads g, w, v, writes v, w = 2 + 5 = 7
 #   LAMB : guard reads g; sweep 1 reads g, w, m, v, writes m, v, u (‖w‖, ‖u‖);
 #          sweep 2 reads w, u, writes w                                    = 1 + 7 + 3 = 11
-#   CBLR/MCLR (default: Rayleigh secant, model step along momentum): sweep 1 reads g, w, m,
-#          w_prev, h_prev (‖w‖², ‖g‖², ⟨g,m⟩, ‖m‖², ⟨g,w⟩, ⟨w,m⟩, ‖Δh‖², ⟨Δh,Δw⟩, ‖Δw‖²);
-#          sweep 2 reads g, w, m, writes m, w, w_prev, h_prev              = 5 + 7 = 12
-MIN_WORDS = {"AdamW": 7, "LARS": 7, "LAMB": 11, "CBLR": 12, "MCLR": 12}
+#   CBLR/MCLR (default: Rayleigh secant, model step along momentum; the last move is a multiple
+#          of the buffer, so no copies of w_{t-1}, h_{t-1}): sweep 1 reads g, w, m (‖w‖², ‖g‖²,
+#          ⟨g,m⟩, ‖m‖², ⟨g,w⟩, ⟨w,m⟩); sweep 2 reads g, w, m, writes m, w       = 3 + 5 = 8
+MIN_WORDS = {"AdamW": 7, "LARS": 7, "LAMB": 11, "CBLR": 8, "MCLR": 8}
 
 STREAM_ELEMS = 32 * 1024 * 1024  # 128 MiB per fp32 array, 4x the L3
 

@@ -441,9 +441,12 @@ class CBLR(LayerwiseOptimizer):
         dev = plan.stats.device
         wd_seg = self.seg_weight_decay(plan)
         wd_l = self.layer_weight_decay(dev)
-        sums = self._swept_sums(plan, params, grads, wd_seg)
+        implicit = self._implicit_history()
+        sums = self._swept_sums(plan, params, grads, wd_seg, implicit)
         present = sums["count"] > 0
         before = dict(self.layer_state)  # phase 1 computes the new per-layer state, phase 2 commits it
+        if implicit:
+            self._implicit_secant(sums, wd_l)
         curvature, fallback = self._estimate(plan, params, sums, wd_l)
         lr_l = self.layer_hparam("lr", dev)
         if self.model_step:
@@ -451,9 +454,13 @@ class CBLR(LayerwiseOptimizer):
             h_dot_d, d_sq, mu = self._momentum_projection(sums, wd_l)
             step_l = lr_l * self._clip(rates * self._projection(h_dot_d, d_sq, present), sums, d_sq, lr_l)
             logged = dict(lr=step_l, curvature=curvature, rate=rates)
+            # w' − w = −step·m' and ⟨h, m'⟩ = h_dot_d (no Nesterov on this path)
+            self._remember_move(present, step_l, h_dot_d, implicit)
         elif self.curvature != "weight_ratio":
             step_l, mu, rates = self._heavy_ball_rates(sums, curvature, fallback, present, lr_l, wd_l)
             logged = dict(lr=step_l, curvature=curvature, rate=rates)
+            hh, hb = self._h_sums(sums, wd_l)  # w' − w = −v' and ⟨h, v'⟩ = μ⟨h, v⟩ + η r ‖h‖²
+            self._remember_move(present, torch.ones_like(step_l), mu * hb + step_l * hh, implicit)
         else:
             step_l = lr_l * self._plain_factors(curvature, fallback, present)
             mu = self.layer_hparam("momentum", dev)
@@ -477,9 +484,13 @@ class CBLR(LayerwiseOptimizer):
         nesterov = [bool(x) for x in self.seg_hparam(plan, "nesterov")]
         bufs = layout.views([self.buffer(t, "momentum_buffer") for t in layout.tensors])
         history = None
-        if self.curvature in _HISTORY:
+        if self.curvature in _HISTORY and not self._implicit_history():
             history = (layout.views([self.buffer(t, "prev_param") for t in layout.tensors]),
                        layout.views([self.buffer(t, "prev_grad") for t in layout.tensors]))
+        elif layout.tensors and "prev_param" in self.state.get(layout.tensors[0], {}):
+            for t in layout.tensors:  # copies kept by an explicit-history step (or an older checkpoint)
+                self.state[t].pop("prev_param", None)
+                self.state[t].pop("prev_grad", None)
         sweep = projected_heavy_ball_ if self.model_step else heavy_ball_
         sweep(v["params"], v["grads"], bufs, step_sizes, v["wd_seg"], mu, nesterov, history=history,
               block=self._block(layout))
@@ -489,8 +500,13 @@ class CBLR(LayerwiseOptimizer):
         on_cpu = bool(layout.tensors) and layout.tensors[0].device.type == "cpu"
         return CPU_BLOCK if on_cpu else None
 
-    def _swept_sums(self, plan: StepPlan, params, grads, wd_seg: list[float]) -> dict[str, torch.Tensor]:
-        """The sums of :meth:`_gather` from one read of every array (:func:`lbopt.rules.sweeps.layer_sums`)."""
+    def _swept_sums(self, plan: StepPlan, params, grads, wd_seg: list[float],
+                    implicit: bool = False) -> dict[str, torch.Tensor]:
+        """The sums of :meth:`_gather` from one read of every array (:func:`lbopt.rules.sweeps.layer_sums`).
+
+        ``implicit``: the Rayleigh quantities come from :meth:`_implicit_secant` instead of copies of
+        ``w_{t-1}`` and ``h_{t-1}``, so the sweep reads only ``w``, ``g`` and the momentum buffer.
+        """
         layout = plan.layout
 
         def held(name: str) -> list[torch.Tensor | None]:
@@ -502,7 +518,7 @@ class CBLR(LayerwiseOptimizer):
             return out
 
         bufs = held("momentum_buffer") if self.model_step or self.curvature != "weight_ratio" else None
-        history = (held("prev_param"), held("prev_grad")) if self.curvature in _HISTORY else None
+        history = (held("prev_param"), held("prev_grad")) if self.curvature in _HISTORY and not implicit else None
         per_seg = layer_sums(params, grads, wd_seg, bufs, history, with_decay_dots=bufs is not None and any(wd_seg),
                              block=self._block(layout))
         names = list(per_seg)
@@ -583,10 +599,7 @@ class CBLR(LayerwiseOptimizer):
             rates = rates.clamp(clip[0], clip[1])
         mu = self.layer_hparam("momentum", dev)
         alpha = lr_l * rates
-        hh, hv = sums["g2"], sums["gm"]
-        if "gw" in sums:
-            hh = hh + 2 * wd_l * sums["gw"] + wd_l**2 * sums["w2"]
-            hv = hv + wd_l * sums["wm"]
+        hh, hv = self._h_sums(sums, wd_l)
         if self.max_update is not None:
             v_new = (mu**2 * sums["mm"] + 2 * mu * alpha * hv + alpha**2 * hh).clamp(min=0).sqrt()
             w_norm = sums["w2"].sqrt()
@@ -594,6 +607,65 @@ class CBLR(LayerwiseOptimizer):
             shrink = torch.where(ok, (self.max_update * w_norm / torch.where(ok, v_new, 1.0)).clamp(max=1.0), 1.0)
             alpha, mu = alpha * shrink, mu * shrink
         return alpha, mu, rates
+
+    def _implicit_history(self) -> bool:
+        """Whether the Rayleigh secant can do without copies of ``w_{t-1}`` and ``h_{t-1}``.
+
+        Along (non-Nesterov) momentum the last move is a multiple of the momentum buffer,
+        ``Δw = −σ b`` (model step: ``σ`` = the step size, ``b = m``; heavy ball: ``σ = 1``,
+        ``b = v``), so with ``q = ⟨h_{t-1}, b⟩`` remembered from the last step::
+
+            ⟨Δh, Δw⟩ = −σ (⟨h_t, b⟩ − q),   ‖Δw‖² = σ² ‖b‖²
+
+        from sums the step computes anyway: two numbers per layer replace two parameter-sized
+        copies (memory ``1×`` the parameters instead of ``3×``, and two fewer arrays in each
+        sweep). Nesterov's move also holds ``h_{t-1}``, so it and the one-phase paths (Adam
+        direction, ``hvp``) keep the copies. This assumes that only this optimizer moves the
+        weights between its steps (as any momentum method does).
+        """
+        return (self.curvature == "rayleigh" and self.direction == "momentum"
+                and not any(g["nesterov"] for g in self.param_groups))
+
+    def _implicit_secant(self, sums: dict[str, torch.Tensor], wd_l: torch.Tensor) -> None:
+        """Adds ``dhdw`` = ⟨Δh, Δw⟩ and ``dw2`` = ‖Δw‖² (0 without a last move) to ``sums``.
+
+        See :meth:`_implicit_history`.
+        """
+        n = sums["w2"].numel()
+        scale, dot_ = self.layer_state.get("move_scale"), self.layer_state.get("move_dot")
+        if scale is None or scale.numel() != n:
+            scale = dot_ = torch.full((n,), float("nan"), dtype=torch.float64, device=sums["w2"].device)
+        scale, dot_ = scale.to(sums["w2"].device), dot_.to(sums["w2"].device)
+        known = torch.isfinite(scale) & torch.isfinite(dot_)
+        scale, dot_ = torch.where(known, scale, 0.0), torch.where(known, dot_, 0.0)
+        _, hb = self._h_sums(sums, wd_l)
+        sums["dhdw"] = -scale * (hb - dot_)
+        sums["dw2"] = scale.square() * sums["mm"]
+
+    def _remember_move(self, present: torch.Tensor, scale: torch.Tensor, dot_: torch.Tensor, implicit: bool) -> None:
+        """Keeps ``σ`` and ``q = ⟨h_t, b_{t+1}⟩`` of this step's move for the next :meth:`_implicit_secant`.
+
+        Layers not in this step keep theirs (their weights and buffers did not move); after an
+        explicit-history step there is no valid last move.
+        """
+        nan = torch.full_like(scale, float("nan"), dtype=torch.float64)
+        if not implicit:
+            self.layer_state.update(move_scale=nan, move_dot=nan.clone())
+            return
+        old_s, old_q = self.layer_state.get("move_scale"), self.layer_state.get("move_dot")
+        if old_s is None or old_s.numel() != scale.numel():
+            old_s, old_q = nan, nan
+        self.layer_state["move_scale"] = torch.where(present, scale.to(torch.float64), old_s.to(scale.device))
+        self.layer_state["move_dot"] = torch.where(present, dot_.to(torch.float64), old_q.to(scale.device))
+
+    @staticmethod
+    def _h_sums(sums: dict[str, torch.Tensor], wd_l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(‖h‖², ⟨h, b⟩)`` with ``h = g + βw`` and ``b`` the momentum buffer held before this step."""
+        hh, hb = sums["g2"], sums["gm"]
+        if "gw" in sums:
+            hh = hh + 2 * wd_l * sums["gw"] + wd_l**2 * sums["w2"]
+            hb = hb + wd_l * sums["wm"]
+        return hh, hb
 
     def _momentum_projection(self, sums: dict[str, torch.Tensor], wd_l: torch.Tensor):
         """``⟨h, d⟩``, ``‖d‖²`` of the new momentum direction (from the old buffer's sums) and the μ used.
@@ -606,10 +678,7 @@ class CBLR(LayerwiseOptimizer):
         """
         dev = wd_l.device
         mu = self.layer_hparam("momentum", dev)
-        hh, hm = sums["g2"], sums["gm"]
-        if "gw" in sums:
-            hh = hh + 2 * wd_l * sums["gw"] + wd_l**2 * sums["w2"]
-            hm = hm + wd_l * sums["wm"]
+        hh, hm = self._h_sums(sums, wd_l)
         mu = torch.where(mu * hm + hh > 0, mu, torch.zeros_like(mu))
         h_m = mu * hm + hh
         m_m = mu**2 * sums["mm"] + 2 * mu * hm + hh

@@ -259,8 +259,7 @@ def projected_heavy_ball_(
                 wb.sub_(mb, alpha=s)
 
 
-# Row order of the per-block matrix X in :func:`_layer_sums_gram`; every sum is an entry of X Xᵀ.
-_ROWS = {"w": 0, "g": 1, "m": 2, "dh": 3, "dw": 4}
+# Every sum of :func:`layer_sums` is an entry of the per-block Gram matrix X Xᵀ of these rows.
 _ENTRIES = {
     "w2": ("w", "w"), "g2": ("g", "g"), "gm": ("g", "m"), "mm": ("m", "m"), "gw": ("g", "w"),
     "wm": ("w", "m"), "dh2": ("dh", "dh"), "dhdw": ("dh", "dw"), "dw2": ("dw", "dw"),
@@ -268,11 +267,14 @@ _ENTRIES = {
 
 
 def _layer_sums_gram(params, grads, weight_decays, buffers, history, with_decay_dots, block):  # noqa: ANN001
-    """:func:`layer_sums` on CPU: per cache block, the rows ``w, g, m, Δh, Δw`` go into one
-    ``5 × block`` scratch matrix and a single matrix product ``X Xᵀ`` yields all nine sums
-    (one BLAS call instead of nine reductions). Absent rows (no momentum buffer or history
-    yet) are zero. Block Gram matrices are summed per segment in float64."""
+    """:func:`layer_sums` on CPU: per cache block, the rows ``w, g`` (and ``m`` with buffers,
+    ``Δh, Δw`` with a history) go into one ``rows × block`` scratch matrix and a single matrix
+    product ``X Xᵀ`` yields all the sums (one BLAS call instead of up to nine reductions).
+    Rows a segment lacks (no momentum buffer or history yet) are zero. Block Gram matrices are
+    summed per segment in float64."""
     device = params[0].device if params else torch.device("cpu")
+    names = ["w", "g"] + (["m"] if buffers is not None else []) + (["dh", "dw"] if history is not None else [])
+    rows = {name: k for k, name in enumerate(names)}
     grams: list[torch.Tensor] = []
     scratch: torch.Tensor | None = None
     for i, (w, g) in enumerate(zip(params, grads)):
@@ -285,25 +287,28 @@ def _layer_sums_gram(params, grads, weight_decays, buffers, history, with_decay_
             wb, gb = parts[0].reshape(-1), parts[1].reshape(-1)
             n = wb.numel()
             if scratch is None or scratch.shape[1] < n or scratch.dtype != wb.dtype:
-                scratch = torch.empty(len(_ROWS), max(block, n), dtype=wb.dtype, device=wb.device)
+                scratch = torch.empty(len(names), max(block, n), dtype=wb.dtype, device=wb.device)
             x = scratch[:, :n]
-            x[_ROWS["w"]].copy_(wb)
-            x[_ROWS["g"]].copy_(gb)
-            if m is not None:
-                x[_ROWS["m"]].copy_(parts[2].reshape(-1))
-            else:
-                x[_ROWS["m"]].zero_()
-            if secant:
-                dh, dw = x[_ROWS["dh"]], x[_ROWS["dw"]]
-                torch.add(gb, wb, alpha=weight_decays[i], out=dh)
-                dh.sub_(parts[-1].reshape(-1))
-                torch.sub(wb, parts[-2].reshape(-1), out=dw)
-            else:
-                x[_ROWS["dh"]:].zero_()
+            x[rows["w"]].copy_(wb)
+            x[rows["g"]].copy_(gb)
+            if "m" in rows:
+                if m is not None:
+                    x[rows["m"]].copy_(parts[2].reshape(-1))
+                else:
+                    x[rows["m"]].zero_()
+            if "dh" in rows:
+                if secant:
+                    dh, dw = x[rows["dh"]], x[rows["dw"]]
+                    torch.add(gb, wb, alpha=weight_decays[i], out=dh)
+                    dh.sub_(parts[-1].reshape(-1))
+                    torch.sub(wb, parts[-2].reshape(-1), out=dw)
+                else:
+                    x[rows["dh"]:].zero_()
             gram = torch.mm(x, x.t()).to(torch.float64)
             total = gram if total is None else total + gram
-        grams.append(total if total is not None else torch.zeros(len(_ROWS), len(_ROWS), dtype=torch.float64))
-    stacked = torch.stack(grams).to(device) if grams else torch.zeros(0, len(_ROWS), len(_ROWS), dtype=torch.float64)
+        grams.append(total if total is not None else torch.zeros(len(names), len(names), dtype=torch.float64))
+    k = len(names)
+    stacked = torch.stack(grams).to(device) if grams else torch.zeros(0, k, k, dtype=torch.float64, device=device)
     keys = ["w2", "g2"]
     if buffers is not None:
         keys += ["gm", "mm"] + (["gw", "wm"] if with_decay_dots else [])
@@ -312,7 +317,7 @@ def _layer_sums_gram(params, grads, weight_decays, buffers, history, with_decay_
     out = {}
     for key in keys:
         a, b = _ENTRIES[key]
-        out[key] = stacked[:, _ROWS[a], _ROWS[b]]
+        out[key] = stacked[:, rows[a], rows[b]]
     if "gw" in out:  # β·⟨g, w⟩ and β·⟨w, m⟩ only count where the segment decays
         decays = torch.tensor([b != 0.0 for b in weight_decays], device=device)
         out["gw"], out["wm"] = (torch.where(decays, out[k], 0.0) for k in ("gw", "wm"))

@@ -45,7 +45,8 @@ def test_state_dict_carries_layer_state_and_does_not_alias():
     opt = lbopt.CBLR(model.parameters(), lr=0.5)
     train(model, opt, 3)
     sd = opt.state_dict()
-    assert set(sd["layer_state"]) == {"curvature", "curvature_num", "curvature_den", "has_curvature", "rate"}
+    assert set(sd["layer_state"]) == {
+        "curvature", "curvature_num", "curvature_den", "has_curvature", "rate", "move_scale", "move_dot"}
     before = copy.deepcopy(sd["layer_state"]["curvature"])
     train(model, opt, 2, start=3)
     assert torch.equal(sd["layer_state"]["curvature"], before), "state_dict aliases live optimizer state"
