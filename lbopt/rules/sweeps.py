@@ -53,8 +53,7 @@ class BlockDots(BlockSums):
 
     def add_dot(self, segment: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """Products and block sum in ≥ float32 (float64 inputs: float64)."""
-        dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
-        self._norms.append(torch.dot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)))
+        self._norms.append(torch.dot(x.reshape(-1).to(torch.float64), y.reshape(-1).to(torch.float64)))
         self._owner.append(segment)
 
     def per_segment(self, num_segments: int, device: torch.device) -> torch.Tensor:
@@ -83,8 +82,6 @@ def layer_sums(
     ``dw2 = ‖Δw‖²``, with ``Δh = (g + βw) − h_prev``, ``Δw = w − w_prev``. Changes no
     state; ``Δh``, ``Δw`` live in two block-sized scratch buffers.
     """
-    if block is not None:
-        return _layer_sums_gram(params, grads, weight_decays, buffers, history, with_decay_dots, block)
     device = params[0].device if params else torch.device("cpu")
     sq = {k: BlockSums() for k in ("w2", "g2", "mm", "dh2", "dw2")}
     dots = {k: BlockDots() for k in ("gm", "gw", "wm", "dhdw")}
@@ -98,12 +95,14 @@ def layer_sums(
             wb, gb = parts[0], parts[1]
             sq["w2"].add(i, wb)
             sq["g2"].add(i, gb)
+            decayed = with_decay_dots and weight_decays[i] != 0.0  # β·⟨g, w⟩ is 0 where β is
+            if decayed:  # ‖h‖² needs ⟨g, w⟩ whether or not a buffer exists yet
+                dots["gw"].add_dot(i, gb, wb)
             if m is not None:
                 mb = parts[2]
                 dots["gm"].add_dot(i, gb, mb)
                 sq["mm"].add(i, mb)
-                if with_decay_dots and weight_decays[i] != 0.0:  # β·⟨g, w⟩ is 0 where β is
-                    dots["gw"].add_dot(i, gb, wb)
+                if decayed:
                     dots["wm"].add_dot(i, wb, mb)
             if secant:
                 pb, hb = parts[-2], parts[-1]
@@ -257,68 +256,3 @@ def projected_heavy_ball_(
                 wb.mul_(1.0 - s * b).sub_(gb, alpha=s).sub_(mb, alpha=s * mu)
             else:
                 wb.sub_(mb, alpha=s)
-
-
-# Every sum of :func:`layer_sums` is an entry of the per-block Gram matrix X Xᵀ of these rows.
-_ENTRIES = {
-    "w2": ("w", "w"), "g2": ("g", "g"), "gm": ("g", "m"), "mm": ("m", "m"), "gw": ("g", "w"),
-    "wm": ("w", "m"), "dh2": ("dh", "dh"), "dhdw": ("dh", "dw"), "dw2": ("dw", "dw"),
-}
-
-
-def _layer_sums_gram(params, grads, weight_decays, buffers, history, with_decay_dots, block):  # noqa: ANN001
-    """:func:`layer_sums` on CPU: per cache block, the rows ``w, g`` (and ``m`` with buffers,
-    ``Δh, Δw`` with a history) go into one ``rows × block`` scratch matrix and a single matrix
-    product ``X Xᵀ`` yields all the sums (one BLAS call instead of up to nine reductions).
-    Rows a segment lacks (no momentum buffer or history yet) are zero. Block Gram matrices are
-    summed per segment in float64."""
-    device = params[0].device if params else torch.device("cpu")
-    names = ["w", "g"] + (["m"] if buffers is not None else []) + (["dh", "dw"] if history is not None else [])
-    rows = {name: k for k, name in enumerate(names)}
-    grams: list[torch.Tensor] = []
-    scratch: torch.Tensor | None = None
-    for i, (w, g) in enumerate(zip(params, grads)):
-        m = buffers[i] if buffers is not None else None
-        wp, hp = (history[0][i], history[1][i]) if history is not None else (None, None)
-        secant = wp is not None and hp is not None
-        arrays = [w, g] + ([m] if m is not None else []) + ([wp, hp] if secant else [])
-        total = None
-        for parts in zip(*(blocks(x, block) for x in arrays)):
-            wb, gb = parts[0].reshape(-1), parts[1].reshape(-1)
-            n = wb.numel()
-            if scratch is None or scratch.shape[1] < n or scratch.dtype != wb.dtype:
-                scratch = torch.empty(len(names), max(block, n), dtype=wb.dtype, device=wb.device)
-            x = scratch[:, :n]
-            x[rows["w"]].copy_(wb)
-            x[rows["g"]].copy_(gb)
-            if "m" in rows:
-                if m is not None:
-                    x[rows["m"]].copy_(parts[2].reshape(-1))
-                else:
-                    x[rows["m"]].zero_()
-            if "dh" in rows:
-                if secant:
-                    dh, dw = x[rows["dh"]], x[rows["dw"]]
-                    torch.add(gb, wb, alpha=weight_decays[i], out=dh)
-                    dh.sub_(parts[-1].reshape(-1))
-                    torch.sub(wb, parts[-2].reshape(-1), out=dw)
-                else:
-                    x[rows["dh"]:].zero_()
-            gram = torch.mm(x, x.t()).to(torch.float64)
-            total = gram if total is None else total + gram
-        grams.append(total if total is not None else torch.zeros(len(names), len(names), dtype=torch.float64))
-    k = len(names)
-    stacked = torch.stack(grams).to(device) if grams else torch.zeros(0, k, k, dtype=torch.float64, device=device)
-    keys = ["w2", "g2"]
-    if buffers is not None:
-        keys += ["gm", "mm"] + (["gw", "wm"] if with_decay_dots else [])
-    if history is not None:
-        keys += ["dh2", "dhdw", "dw2"]
-    out = {}
-    for key in keys:
-        a, b = _ENTRIES[key]
-        out[key] = stacked[:, rows[a], rows[b]]
-    if "gw" in out:  # β·⟨g, w⟩ and β·⟨w, m⟩ only count where the segment decays
-        decays = torch.tensor([b != 0.0 for b in weight_decays], device=device)
-        out["gw"], out["wm"] = (torch.where(decays, out[k], 0.0) for k in ("gw", "wm"))
-    return out

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lbopt
-from tests.optim.problem import flat, make_model, rel, train
+from tests.optim.problem import batch, flat, loss_fn, make_model, rel, train
 from tests.optim.references import RefCBLR, RefLAMB, RefLARS
 
 STEPS = 30
@@ -34,6 +34,19 @@ def test_matches_reference(name, make, make_ref):
     moved = rel(flat(ref_model), start)
     assert moved > 1e-3, f"{name} reference barely moved ({moved}); the comparison would be vacuous"
     assert rel(flat(model), flat(ref_model)) < 1e-5
+
+
+@pytest.mark.parametrize("name,make,make_ref", CASES, ids=[c[0] for c in CASES])
+def test_matches_reference_in_float64(name, make, make_ref):
+    """In float64 the implementation and the reference must agree to rounding (no float32 noise to hide in)."""
+    model, ref_model = make_model().double(), make_model().double()
+    for m, opt in ((model, make(model.parameters())), (ref_model, make_ref(list(ref_model.parameters())))):
+        for t in range(STEPS):
+            x, y = (v.double() if v.is_floating_point() else v for v in batch(t))
+            opt.zero_grad()
+            loss_fn(m, x, y).backward()
+            opt.step()
+    assert rel(flat(model), flat(ref_model)) < 1e-12
 
 
 def test_cblr_default_differs_from_lars():

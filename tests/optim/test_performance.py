@@ -257,17 +257,19 @@ def test_blocked_sweeps_equal_the_formulas() -> None:
         assert torch.equal(a, b)
 
 
-def test_layer_sums_by_gram_blocks_equal_the_plain_sums() -> None:
+def test_layer_sums_by_blocks_equal_the_whole_segment_sums() -> None:
     from lbopt.rules.sweeps import layer_sums
 
     w, g, m, wp, hp = _arrays(100, 3, 5)
     beta = [0.1, 0.0, 0.01]
-    bufs = [m[0], None, m[2]]
+    bufs = [m[0], None, None]  # segment 2: decayed, no buffer yet (a first step)
     hist = ([wp[0], wp[1], None], [hp[0], hp[1], None])
     plain = layer_sums(w, g, beta, bufs, hist, with_decay_dots=True, block=None)
-    gram = layer_sums(w, g, beta, bufs, hist, with_decay_dots=True, block=16)
-    assert plain.keys() == gram.keys()
+    blocked = layer_sums(w, g, beta, bufs, hist, with_decay_dots=True, block=16)
+    assert plain.keys() == blocked.keys()
     for key in plain:
-        torch.testing.assert_close(gram[key], plain[key], rtol=1e-5, atol=1e-4, msg=key)
+        torch.testing.assert_close(blocked[key], plain[key], rtol=1e-5, atol=1e-4, msg=key)
+    # ‖h‖² needs ⟨g, w⟩ on a decayed segment before it has a momentum buffer
+    torch.testing.assert_close(plain["gw"][2], torch.dot(g[2].double(), w[2].double()), rtol=1e-5, atol=1e-4)
     dh = g[0] + 0.1 * w[0] - hp[0]
-    torch.testing.assert_close(gram["dhdw"][0], (dh.double() * (w[0] - wp[0]).double()).sum(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(blocked["dhdw"][0], (dh.double() * (w[0] - wp[0]).double()).sum(), rtol=1e-5, atol=1e-4)
