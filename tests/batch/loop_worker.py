@@ -87,8 +87,15 @@ def _trainer_result(t, model: _HFModel, world: int) -> dict:
         micro.append(model.seen[k:k + n])
         k += n
     assert k == len(model.seen)
-    return {"sizes": list(t.step_samples), "micro": micro, "params": P.flat(model.net).detach().clone(),
-            "trainer_clip": t.args.max_grad_norm}
+    params = list(model.net.parameters())
+    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3: gather the partitioned parameters
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            flat = P.flat(model.net).detach().clone()
+    else:
+        flat = P.flat(model.net).detach().clone()
+    return {"sizes": list(t.step_samples), "micro": micro, "params": flat, "trainer_clip": t.args.max_grad_norm}
 
 
 def trainer(rank: int, world: int) -> dict:
@@ -112,11 +119,20 @@ def _ds_trainer(world: int, output_dir: str, resume: str | None = None, **kw) ->
     x, y, idx = dataset().tensors
     data = [{"x": x[i], "labels": y[i], "idx": idx[i]} for i in range(N)]
     model = _HFModel()
+    # LBOPT_ZERO_STAGE / LBOPT_DS_ROUTE=config: by-hand runs of the other stages and of the config route
     config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-              "gradient_clipping": "auto", "zero_optimization": {"stage": 2}}
+              "gradient_clipping": "auto", "zero_optimization": {"stage": int(os.environ.get("LBOPT_ZERO_STAGE", 2))}}
+    opt_kwargs = {**OPT, "max_grad_norm": None, "world_size": world}
+    factory = trainer_optimizer(ada.AdAdaGradNorm, **opt_kwargs)
+    if os.environ.get("LBOPT_DS_ROUTE") == "config":
+        from lbopt.integrations import deepspeed as adapter
+
+        adapter.install()
+        params = {k: v for k, v in opt_kwargs.items() if k != "max_grad_norm"}
+        config["optimizer"] = {"type": "AdAdaGradNorm", "params": {**params, "lr": "auto"}}
+        factory, kw = None, {**kw, "learning_rate": OPT["lr"]}
     args = _trainer_args(output_dir, deepspeed=config, accelerator_config={"use_configured_state": True}, **kw)
-    t = AdaptiveBatchTrainer(model=model, args=args, train_dataset=data, optimizer_cls_and_kwargs=trainer_optimizer(
-        ada.AdAdaGradNorm, **{**OPT, "max_grad_norm": None}, world_size=world))
+    t = AdaptiveBatchTrainer(model=model, args=args, train_dataset=data, optimizer_cls_and_kwargs=factory)
     t.train(resume_from_checkpoint=resume)
     return t, model
 
