@@ -167,9 +167,27 @@ def trainer_deepspeed(rank: int, world: int) -> dict:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()  # a second Trainer in this process (the gloo process state stays)
+    refused = _ready_made_optimizer_refusal(world, os.path.join(tmp, "refused"))
+    AcceleratorState._reset_state()
     t2, model2 = _ds_trainer(world, os.path.join(tmp, "resumed"), resume=ckpt, save_strategy="no")
     resumed = {**_trainer_result(t2, model2, world), "from_step": step, "samples_seen": t2.samples_seen}
-    return {"trainer": full, "resumed": resumed}
+    return {"trainer": full, "resumed": resumed, "refused": refused}
+
+
+def _ready_made_optimizer_refusal(world: int, output_dir: str) -> str:
+    """``optimizers=(opt, None)`` under DeepSpeed (transformers would drop it and train AdamW): the message."""
+    from lbopt.integrations.adaptive_batch import AdaptiveBatchTrainer
+
+    model = _HFModel()
+    opt = ada.AdAdaGradNorm(model.parameters(), world_size=world, **OPT)
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+              "gradient_clipping": "auto", "zero_optimization": {"stage": 2}}
+    args = _trainer_args(output_dir, deepspeed=config, accelerator_config={"use_configured_state": True})
+    try:
+        AdaptiveBatchTrainer(model=model, args=args, train_dataset=[], optimizers=(opt, None))
+    except ValueError as exc:
+        return str(exc)
+    return ""
 
 
 def deepspeed_loop(rank: int, world: int) -> dict:

@@ -114,3 +114,4 @@ def test_trainer_deepspeed_two_processes_and_resume(tmp_path):
         assert r["sizes"] == f["sizes"][k:] and r["samples_seen"] == W.N * W.EPOCHS
         assert r["micro"] == f["micro"][k:]  # exactly the micro-batches the uninterrupted run had left
         assert P.rel(r["params"], f["params"]) <= 1e-6
+    assert "optimizer_cls_and_kwargs" in runs[0]["refused"]  # a ready-made optimizer would be dropped: refused
