@@ -439,7 +439,7 @@ def _make_trainer_class() -> type:
         ``args.max_grad_norm`` with an lbopt AdAdaGrad* optimizer moves into the optimizer
         (clip the applied gradient, measure noise unclipped) and the Trainer stops clipping.
 
-        Under DeepSpeed (``TrainingArguments(deepspeed=...)``, ZeRO 0-3): the optimizer comes
+        Under DeepSpeed (``TrainingArguments(deepspeed=...)``, ZeRO 1-3): the optimizer comes
         from ``optimizer_cls_and_kwargs`` (e.g. ``trainer_optimizer(lbopt.AdAdaGradNorm, ...)``)
         or from the config's ``"optimizer"`` section (after ``lbopt.integrations.deepspeed.install()``).
         The config's ``gradient_clipping`` (``"auto"``: ``max_grad_norm``) moves into the
