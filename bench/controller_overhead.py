@@ -18,10 +18,21 @@ variant, interleaved rounds: AdaGradNorm and AdaGrad without a controller, and A
 / AdAdaGrad with the controller testing *every* step (so every timed step is a test step),
 one row per test (norm, inner_product, orthogonality, augmented on AdAdaGradNorm; coordinate
 on AdAdaGrad, compared with plain AdaGrad). The batch is held fixed (max = initial) so every
-variant does the same work. Overhead = median step time / median of the matching plain
-optimizer − 1; the spread is the min–max of the per-round ratios.
+variant does the same work.
 
-    torchrun --nproc_per_node 2 bench/controller_overhead.py --zero2 [--rounds 6]
+Statistics (ZeRO-2 rows): each round times every engine once, in an order rotated from round
+to round (each variant takes every position equally often, so a drift in machine load does
+not favour one of them). A row's overhead is the **median of its paired per-round ratios**
+(variant / its plain optimizer in the same round − 1), with the interquartile range and the
+min–max of those ratios; the ratio of the two medians is kept as a cross-check. Each row is
+given twice: by wall-clock step time (the headline) and by the CPU seconds all ranks spent in
+the step (``time.process_time``, summed over ranks), which other processes on a shared
+machine disturb much less but which does not see waiting on communication. A row resolves its
+overhead only when the interquartile range is narrower than the target. The ratios are drawn
+in ``controller_overhead_zero2.png``. ``--tests`` times fewer variants
+(more rounds in the same time).
+
+    torchrun --nproc_per_node 2 bench/controller_overhead.py --zero2 [--rounds 12] [--tests norm,coordinate]
 """
 
 from __future__ import annotations
@@ -80,6 +91,59 @@ def accumulate(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> Non
 
 
 ZERO2_TESTS = ("norm", "inner_product", "orthogonality", "augmented", "coordinate")
+TARGETS = {"norm": 0.03}  # the issue's targets: 3 % for the norm test, 10 % for the others
+OTHER_TARGET = 0.10
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile); with fewer than 2 values all three are the value."""
+    if len(values) < 2:
+        return (values[0],) * 3
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def paired_overhead(variant: list[float], base: list[float]) -> dict[str, Any]:
+    """Overhead of ``variant`` over ``base`` from per-round step times measured side by side.
+
+    ``ratios[r] = variant[r] / base[r] − 1``; the row is their median, with the interquartile
+    range and min–max (pairing removes most of the round-to-round load drift both share).
+    """
+    ratios = [a / b - 1 for a, b in zip(variant, base)]
+    q1, q2, q3 = quartiles(ratios)
+    return {"overhead": q2, "iqr": [q1, q3], "spread": [min(ratios), max(ratios)], "ratios": ratios,
+            "ratio_of_medians": statistics.median(variant) / statistics.median(base) - 1}
+
+
+def plot_ratios(wall: dict[str, dict[str, Any]], cpu: dict[str, dict[str, Any]], path: Path, title: str) -> None:
+    """Box plots of every row's per-round ratios (wall and CPU time side by side) with its target line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(wall)
+    fig, ax = plt.subplots(figsize=(2.2 * len(names) + 2, 4.5))
+    pos_w = [3 * i for i in range(len(names))]
+    pos_c = [p + 1 for p in pos_w]
+    bw = ax.boxplot([[100 * x for x in wall[n]["ratios"]] for n in names], positions=pos_w, patch_artist=True,
+                    medianprops={"color": "black"})
+    bc = ax.boxplot([[100 * x for x in cpu[n]["ratios"]] for n in names], positions=pos_c, patch_artist=True,
+                    medianprops={"color": "black"})
+    for box in bw["boxes"]:
+        box.set_facecolor("tab:blue")
+    for box in bc["boxes"]:
+        box.set_facecolor("tab:orange")
+    ax.set_xticks([p + 0.5 for p in pos_w], names)
+    for p, n in zip(pos_w, names):
+        ax.hlines(100 * TARGETS.get(n, OTHER_TARGET), p - 0.5, p + 1.5, colors="tab:red", linestyles="dashed")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.legend([bw["boxes"][0], bc["boxes"][0]], ["wall time", "CPU time (all ranks)"], loc="best")
+    ax.set_ylabel("step vs plain optimizer, same round (%)")
+    ax.set_title(title + " (red: target)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def zero2_rows(args: argparse.Namespace) -> None:
@@ -107,11 +171,15 @@ def zero2_rows(args: argparse.Namespace) -> None:
         eng, *_ = adapter.initialize(model=model, optimizer=optimizer, config=cfg)
         return eng, model
 
-    variants: dict[str, tuple[Any, str]] = {
-        "plain AdaGradNorm": (engine("AdaGradNorm", {"lr": 0.01}), ""),
-        "plain AdaGrad": (engine("AdaGrad", {"lr": 0.01}), ""),
-    }
-    for test in ZERO2_TESTS:
+    tests = [t for t in args.tests.split(",") if t] if args.tests else list(ZERO2_TESTS)
+    unknown = sorted(set(tests) - set(ZERO2_TESTS))
+    if unknown:
+        raise SystemExit(f"--tests: unknown {unknown}; choose from {', '.join(ZERO2_TESTS)}")
+    variants: dict[str, tuple[Any, str]] = {}
+    for kind in ("AdaGradNorm", "AdaGrad"):  # the plain optimizers the chosen tests compare with
+        if any((t == "coordinate") == (kind == "AdaGrad") for t in tests):
+            variants["plain " + kind] = (engine(kind, {"lr": 0.01}), "")
+    for test in tests:
         kind = "AdAdaGrad" if test == "coordinate" else "AdAdaGradNorm"
         variants[test] = (engine(kind, {"lr": 0.01, "test": test, **ctrl_kw}), "plain " + kind[2:])
 
@@ -126,44 +194,66 @@ def zero2_rows(args: argparse.Namespace) -> None:
     for (eng, _), _base in variants.values():
         step(eng, 0)  # warm-up (state allocation; the inner-product tests' first direction)
     times: dict[str, list[float]] = {k: [] for k in variants}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
+    names = list(variants)
     for r in tqdm(range(args.rounds), desc="rounds", disable=rank != 0):
-        for name, ((eng, _), _base) in variants.items():
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotated order
+            (eng, _), _base = variants[name]
             torch.distributed.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step(eng, r + 1)
+            cpu[name].append(time.process_time() - c0)
             torch.distributed.barrier()
             times[name].append(time.perf_counter() - t0)
+    # CPU seconds of all ranks per step: the work done, much less sensitive than wall time to other
+    # processes on a shared machine (it does not see waiting, e.g. for a slower rank).
+    cpu_all = torch.tensor([cpu[k] for k in names], dtype=torch.float64)
+    torch.distributed.all_reduce(cpu_all)
+    cpu = {k: cpu_all[i].tolist() for i, k in enumerate(names)}
     if rank != 0:
         return
-    med = {k: statistics.median(v) for k, v in times.items()}
-    rows = {}
-    print(f"\nZeRO-2, {world} ranks, {ACCUM} x {MICRO} sequences x {SEQ} tokens per rank and step, "
-          f"median of {args.rounds} interleaved rounds; every step a test step")
-    for name, (_, base) in variants.items():
-        if not base:
-            print(f"{name:<18} {med[name]:8.3f} s/step")
-            continue
-        ratios = [a / b - 1 for a, b in zip(times[name], times[base])]
-        rows[name] = {"step_s": med[name], "plain_s": med[base], "overhead": med[name] / med[base] - 1,
-                      "spread": [min(ratios), max(ratios)]}
-        print(f"{name:<18} {med[name]:8.3f} s/step  vs {base}: {rows[name]['overhead']:+7.1%} "
-              f"(rounds {min(ratios):+.1%} .. {max(ratios):+.1%})")
+    title = (f"ZeRO-2, {world} ranks, {LAYERS} layers, {ACCUM} x {MICRO} sequences x {SEQ} tokens per rank and step,\n"
+             f"{args.rounds} rotated rounds, every step a test step")
+    print("\n" + title.replace("\n", " "))
+    print("overhead = median of paired per-round ratios [interquartile range] (min .. max); "
+          "'resolved' = IQR narrower than the target")
+    result: dict[str, Any] = {"world_size": world, "rounds": args.rounds, "layers": LAYERS, "vocab": VOCAB, "seq": SEQ}
+    for clock, data_ in (("wall", times), ("cpu", cpu)):
+        med = {k: statistics.median(v) for k, v in data_.items()}
+        rows = {}
+        print(f"-- {clock} time ({'s per step' if clock == 'wall' else 'CPU s of all ranks per step'})")
+        for name, (_, base) in variants.items():
+            if not base:
+                print(f"{name:<18} {med[name]:8.3f} s")
+                continue
+            row = paired_overhead(data_[name], data_[base])
+            target = TARGETS.get(name, OTHER_TARGET)
+            row.update(step_s=med[name], plain_s=med[base], target=target,
+                       resolved=row["iqr"][1] - row["iqr"][0] < target)
+            rows[name] = row
+            print(f"{name:<18} {med[name]:8.3f} s  vs {base}: {row['overhead']:+7.1%} "
+                  f"[{row['iqr'][0]:+.1%}, {row['iqr'][1]:+.1%}] ({row['spread'][0]:+.1%} .. {row['spread'][1]:+.1%})"
+                  f"  target {target:.0%}: {'resolved' if row['resolved'] else 'not resolved'}")
+        result[clock] = {"step_s": med, "times": data_, "rows": rows}
+    result["rows"] = result["wall"]["rows"]  # the headline (as before): wall-clock step time
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "controller_overhead_zero2.json").write_text(json.dumps(
-        {"world_size": world, "rounds": args.rounds, "step_s": med, "rows": rows}, indent=2))
+    (out / "controller_overhead_zero2.json").write_text(json.dumps(result, indent=2))
+    plot_ratios(result["wall"]["rows"], result["cpu"]["rows"], out / "controller_overhead_zero2.png", title)
 
 
 def main() -> None:
+    global LAYERS, VOCAB, SEQ
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--zero2", action="store_true", help="per-test rows under DeepSpeed ZeRO-2 (launch with torchrun)")
     ap.add_argument("--layers", type=int, default=6, help="BERT layers (smaller: a quicker run)")
     ap.add_argument("--vocab", type=int, default=30522, help="vocabulary size (smaller: less memory per engine)")
+    ap.add_argument("--seq", type=int, default=SEQ, help="tokens per sequence (smaller: a quicker run)")
+    ap.add_argument("--tests", default="", help="--zero2: comma-separated subset of " + ",".join(ZERO2_TESTS))
     args = ap.parse_args()
-    global LAYERS, VOCAB
-    LAYERS, VOCAB = args.layers, args.vocab
+    LAYERS, VOCAB, SEQ = args.layers, args.vocab, args.seq
     if args.zero2:
         zero2_rows(args)
         return

@@ -14,7 +14,9 @@ loader is never rebuilt:
   count follows the controller (a callback alone cannot: the Trainer's inner loop decides
   when to step from ``step % gradient_accumulation_steps``; the subclass changes the count
   only where that stays aligned with the micro-batches actually fetched).
-- under DeepSpeed, :class:`AdaptiveBatchLoop` drives the engine itself; the bare-DeepSpeed
+- under DeepSpeed, :class:`AdaptiveBatchLoop` drives the engine itself and
+  :class:`AdaptiveBatchTrainer` lets the Trainer drive it (explicit boundaries, no ``gas``
+  scaling) with the engine's global batch following the policy; the bare-DeepSpeed
   pieces :func:`attach_deepspeed` / :func:`deepspeed_steps` live in DeepSpeed's adapter
   (:mod:`lbopt.integrations.deepspeed.batch`) and are re-exported here.
 
@@ -391,20 +393,22 @@ def _make_trainer_class() -> type:
             t._epoch_index += 1
             t._micro_in_epoch, t._resume_micro = t._resume_micro or 0, None
 
+        def on_step_begin(self, args, state, control, **kwargs):  # noqa: D102
+            t = self.trainer
+            if t._deepspeed_engine() is not None:  # the engine steps inside the step's last backward
+                t._scale_lr()
+
         def on_pre_optimizer_step(self, args, state, control, **kwargs):  # noqa: D102
             t = self.trainer
             t._step_samples.append(t._pending_samples)
             t._pending_samples = 0
-            if not t._owned():  # LR coupling of a policy the optimizer does not apply itself
-                t._saved_lrs = [g["lr"] for g in t.optimizer.param_groups]
-                for g in t.optimizer.param_groups:
-                    g["lr"] = g["lr"] * t.batch_controller.lr_factor
+            if t._deepspeed_engine() is None:
+                t._scale_lr()
 
         def on_optimizer_step(self, args, state, control, **kwargs):  # noqa: D102
             t = self.trainer
+            t._restore_lr()
             if not t._owned():  # gradients are still there (zero_grad comes later); the norm is pre-clip
-                for g, lr in zip(t.optimizer.param_groups, t._saved_lrs):
-                    g["lr"] = lr
                 sq = None if t._pre_clip_norm is None else float(t._pre_clip_norm) ** 2
                 step_policy(t.batch_controller, t._step_samples[-1], sq)
 
@@ -435,22 +439,44 @@ def _make_trainer_class() -> type:
         ``args.max_grad_norm`` with an lbopt AdAdaGrad* optimizer moves into the optimizer
         (clip the applied gradient, measure noise unclipped) and the Trainer stops clipping.
 
-        Resume (also mid-epoch) reproduces the uninterrupted run: the micro-batches consumed
-        in the epoch, the accumulation count, the sample counters and a non-owned policy's
-        state are saved in ``trainer_state.json`` and restored; the Trainer then skips exactly
-        those micro-batches (not ``global_step × accumulation``). Not under DeepSpeed
-        (refused; use :class:`AdaptiveBatchLoop`).
+        Under DeepSpeed (``TrainingArguments(deepspeed=...)``, ZeRO 1-3): the optimizer comes
+        from ``optimizer_cls_and_kwargs`` (e.g. ``trainer_optimizer(lbopt.AdAdaGradNorm, ...)``)
+        or from the config's ``"optimizer"`` section (after ``lbopt.integrations.deepspeed.install()``).
+        The config's ``gradient_clipping`` (``"auto"``: ``max_grad_norm``) moves into the
+        optimizer and the engine's is set to 0 before the engine is built; the engine is then
+        bound to the lbopt optimizer (:func:`lbopt.integrations.deepspeed.batch.bind_and_attach`)
+        and its global batch is set to each step's (``engine.set_train_batch_size``). The Trainer
+        already marks the accumulation boundary on the step's last micro-batch and divides each
+        loss by the step's micro-batch count (DeepSpeed's own ``gas`` scaling is off), so only
+        the count changes. A DeepSpeed ``"scheduler"`` section is ticked by data as well.
+
+        Resume (also mid-epoch, also under DeepSpeed) reproduces the uninterrupted run: the
+        micro-batches consumed in the epoch, the accumulation count, the sample counters and a
+        non-owned policy's state are saved in ``trainer_state.json`` and restored (the owned
+        controller travels in the optimizer's state, also in DeepSpeed's checkpoint); the
+        Trainer then skips exactly those micro-batches (not ``global_step × accumulation``).
         """
 
         def __init__(self, *args: Any, batch_controller: BatchSizePolicy | None = None,
                      lr_schedule: str = "samples", **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            if self.is_deepspeed_enabled:
+            self._engine_clip: float | None = None
+            if self.is_deepspeed_enabled and self.optimizer is not None:
                 raise ValueError(
-                    "AdaptiveBatchTrainer does not support DeepSpeed (the Trainer's accumulation bookkeeping cannot "
-                    "follow a changing batch through the engine); use lbopt.integrations.adaptive_batch."
-                    "AdaptiveBatchLoop with accelerate's DeepSpeed plugin, or the recipes with a ZeRO config"
+                    "Invalid optimizers=: under DeepSpeed the Trainer builds the optimizer again when training starts "
+                    "(transformers' deepspeed_init drops a ready-made one); pass optimizer_cls_and_kwargs="
+                    "lbopt.integrations.trainer.trainer_optimizer(lbopt.AdAdaGradNorm, ...) instead, or name the "
+                    "optimizer in the DeepSpeed config after lbopt.integrations.deepspeed.install()"
                 )
+            if self.is_deepspeed_enabled and (batch_controller is None or batch_controller.owns_gradients):
+                # Before the engine exists: the optimizer clips, DeepSpeed must not (see take_gradient_clipping).
+                from lbopt.integrations.deepspeed.batch import take_gradient_clipping
+
+                plugin = self.accelerator.state.deepspeed_plugin
+                self._engine_clip = take_gradient_clipping(
+                    *{id(c): c for c in (plugin.deepspeed_config, plugin.hf_ds_config.config)}.values())
+            self._saved_lrs: list[float] | None = None
+            self._resuming = False
             self._resume_micro: int | None = None
             self._pre_clip_norm: float | None = None
             self._given_controller = batch_controller
@@ -481,6 +507,25 @@ def _make_trainer_class() -> type:
         def _owned(self) -> bool:
             return _owns(self.optimizer, self.batch_controller)
 
+        def _deepspeed_engine(self) -> Any:
+            """The DeepSpeed engine Accelerate built for this Trainer (None before that, or without DeepSpeed)."""
+            wrapped = getattr(self.accelerator, "deepspeed_engine_wrapped", None) if self.is_deepspeed_enabled else None
+            return None if wrapped is None else wrapped.engine
+
+        def _scale_lr(self) -> None:
+            """LR coupling (``lr_factor``) of a policy the optimizer does not apply itself, for one step."""
+            if self._owned() or self._saved_lrs is not None:
+                return
+            self._saved_lrs = [g["lr"] for g in self.optimizer.param_groups]
+            for g in self.optimizer.param_groups:
+                g["lr"] = g["lr"] * self.batch_controller.lr_factor
+
+        def _restore_lr(self) -> None:
+            if self._saved_lrs is not None:
+                for g, lr in zip(self.optimizer.param_groups, self._saved_lrs):
+                    g["lr"] = lr
+                self._saved_lrs = None
+
         def _policy_pending(self) -> bool:
             """No policy yet: the optimizer comes from ``optimizer_cls_and_kwargs`` and is not built yet
             (the Trainer asks its callbacks for their state before it creates the optimizer)."""
@@ -510,6 +555,7 @@ def _make_trainer_class() -> type:
             # The Trainer would skip global_step × accumulation micro-batches (a constant count); the
             # exact position is what this trainer saved.
             self.samples_seen = int(attrs["samples_seen"])
+            self._resuming = True  # the saved count stands (a policy loaded later must not reset it)
             self.args.gradient_accumulation_steps = int(attrs["accumulation"])
             self._pending_ticks = int(attrs["ticks"])
             if getattr(self, "_schedule", None) is not None:
@@ -524,7 +570,10 @@ def _make_trainer_class() -> type:
 
         def create_scheduler(self, *args: Any, **kwargs: Any):  # noqa: D102
             out = super().create_scheduler(*args, **kwargs)
-            self._bind_controller()
+            if kwargs.get("optimizer") is None and len(args) < 2:
+                # (DeepSpeed's DummyScheduler calls this on a copy of the trainer, with the optimizer
+                # it is building: the engine does not exist yet; bind on the Trainer's own call.)
+                self._bind_controller()
             return out
 
         def _bind_controller(self) -> None:
@@ -537,15 +586,24 @@ def _make_trainer_class() -> type:
                     f"{cfg.world_size}, but the Trainer runs per_device_train_batch_size="
                     f"{self.args.per_device_train_batch_size} on {world} process(es); make them equal"
                 )
-            if self.args.gradient_accumulation_steps != ctrl.accumulation_steps:
+            if self.args.gradient_accumulation_steps != ctrl.accumulation_steps and not self._resuming:
                 self.args.gradient_accumulation_steps = ctrl.accumulation_steps
+            engine = self._deepspeed_engine()
+            clip = self._engine_clip if engine is not None else self.args.max_grad_norm
             if not _owns(self.optimizer, ctrl):
-                if ctrl.owns_gradients:
+                if ctrl.owns_gradients and engine is None:
                     ctrl.attach(self.model)
-            elif self.args.max_grad_norm and self.args.max_grad_norm > 0:
-                set_max_grad_norm(self.optimizer, ctrl, self.args.max_grad_norm)
+            elif clip and clip > 0:
+                set_max_grad_norm(self.optimizer, ctrl, clip)
                 self.args.max_grad_norm = 0.0  # the optimizer clips; the Trainer must not
-            self._schedule = _SampleSchedule(self.lr_scheduler, self.lr_schedule, cfg.initial_batch_size)
+            scheduler = self.lr_scheduler
+            if engine is not None:
+                from lbopt.integrations.deepspeed.batch import bind_and_attach
+
+                bind_and_attach(engine, ctrl)  # refuses a gradient-noise policy outside the engine's optimizer
+                # A scheduler the engine owns is stepped by the engine (the Trainer's wrapper does nothing).
+                scheduler = engine.lr_scheduler if engine.lr_scheduler is not None else scheduler
+            self._schedule = _SampleSchedule(scheduler, self.lr_schedule, cfg.initial_batch_size)
             if self._pending_ticks is not None:
                 self._schedule.ticks, self._pending_ticks = self._pending_ticks, None
             self._world = world
@@ -573,6 +631,9 @@ def _make_trainer_class() -> type:
         def get_batch_samples(self, epoch_iterator, num_batches, device):  # noqa: D102
             self.args.gradient_accumulation_steps = self._aligned_accumulation()
             n = self.args.gradient_accumulation_steps
+            engine = self._deepspeed_engine()
+            if engine is not None:  # the engine's batch is the step it runs (its counters, its logs)
+                engine.set_train_batch_size(n * self.args.per_device_train_batch_size * self._world)
             batch_samples, num_items = super().get_batch_samples(epoch_iterator, n, device)
             self._micro_in_epoch += len(batch_samples)
             self._pending_samples += sum(batch_len(b) for b in batch_samples) * self._world

@@ -4,7 +4,8 @@ The short route next to ``classification.py`` (which runs its own Accelerate loo
 builds the optimizer from ``optimizer_cls_and_kwargs=trainer_optimizer(lbopt.LAMB, ...)``, which
 hands it the model's named parameters (see ``lbopt.integrations.trainer``). AdAdaGrad and
 AdAdaGradNorm run under ``AdaptiveBatchTrainer``, whose gradient-accumulation count follows the
-optimizer's batch controller, so the global batch really grows.
+optimizer's batch controller, so the global batch really grows (also with ``--deepspeed``: the
+config's ``gradient_clipping`` moves into the optimizer, the engine's batch follows each step).
 
     python recipes/trainer_classification.py --optimizer lamb --lr 2e-3 --max_steps 50
     python recipes/trainer_classification.py --optimizer adadagradnorm --lr 0.5 --max_batch_size 512
@@ -61,12 +62,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cls = lbopt.get_optimizer_class(args.optimizer)  # ValueError lists the valid names
     if args.lr is None:
         args.lr = float(inspect.signature(cls).parameters["lr"].default)
-    if args.deepspeed and args.optimizer in ADAPTIVE:
-        p.error("AdAdaGrad* under DeepSpeed: AdaptiveBatchTrainer cannot follow a changing batch through the engine; "
-                "run recipes/classification.py with a ZeRO accelerate config (AdaptiveBatchLoop drives the engine)")
     if not 0 <= args.discard_small_loss < 1 or (args.discard_small_loss and args.optimizer in ADAPTIVE):
         p.error(f"--discard_small_loss must be in [0, 1), and 0 with AdAdaGrad*; got {args.discard_small_loss}")
     return args
+
+
+def _cpu_deepspeed_state(deepspeed: str | None) -> dict | None:
+    """Without GPUs, ``TrainingArguments(deepspeed=...)`` would set Accelerate up with no backend,
+    i.e. as one process whatever the launcher started: configure the gloo state first and use it."""
+    import os
+
+    import torch
+
+    if not deepspeed or torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+    return {"use_configured_state": True}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -108,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         return accuracy.compute(predictions=pred.predictions.argmax(-1), references=pred.label_ids)
 
     training_args = TrainingArguments(
+        accelerator_config=_cpu_deepspeed_state(args.deepspeed),
         output_dir=args.output_dir, per_device_train_batch_size=args.per_device_batch_size,
         per_device_eval_batch_size=args.per_device_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.lr,

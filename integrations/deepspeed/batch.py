@@ -20,7 +20,44 @@ from lbopt.integrations.adaptive_batch import _owns, adaptive_steps, batch_len, 
 
 from lbopt.batch.policy import BatchSizePolicy
 
-__all__ = ["attach_deepspeed", "deepspeed_steps"]
+__all__ = ["attach_deepspeed", "bind_and_attach", "deepspeed_steps", "take_gradient_clipping"]
+
+
+def take_gradient_clipping(*configs: dict[str, Any]) -> float:
+    """Switch DeepSpeed's gradient clipping off in ``configs`` (before the engine is built from
+    them) and return the threshold they had (0.0: none).
+
+    For an adaptive batch the lbopt optimizer clips the applied gradient instead (pass the
+    returned value as its ``max_grad_norm``): DeepSpeed would clip the mean gradient that the
+    batch-size test compares with unclipped micro-batch gradients. ``configs`` are the dicts
+    the engine will be built from (one object may be listed twice); a value still ``"auto"``
+    is refused, as nothing would say which threshold was meant.
+    """
+    values = {float(c.get("gradient_clipping") or 0.0) if c.get("gradient_clipping") != "auto" else None
+              for c in configs}
+    if None in values or len(values) != 1:
+        raise ValueError(
+            f"Invalid DeepSpeed config: gradient_clipping is {sorted(map(str, values))} before the engine is built; "
+            "give it a number (or let TrainingArguments.max_grad_norm fill \"auto\")"
+        )
+    for c in configs:
+        c["gradient_clipping"] = 0.0
+    return values.pop()
+
+
+def bind_and_attach(engine: Any, controller: BatchSizePolicy | None = None) -> BatchSizePolicy:
+    """:func:`lbopt.integrations.deepspeed.bind` the engine when its optimizer is lbopt's (idempotent;
+    a no-op after ``install()`` bound it), then :func:`attach_deepspeed`.
+
+    For code where someone else called ``deepspeed.initialize`` (Accelerate, the HF Trainer):
+    the binding is explicit, on this engine only; nothing in DeepSpeed is patched.
+    """
+    from .binding import bind
+    from .config import is_lbopt
+
+    if is_lbopt(getattr(engine, "basic_optimizer", None)):
+        bind(engine)
+    return attach_deepspeed(engine, controller)
 
 
 def attach_deepspeed(engine: Any, controller: BatchSizePolicy | None = None) -> BatchSizePolicy:

@@ -1,7 +1,8 @@
 """2-process runs of the adaptive loop and Trainer (torchrun, gloo, CPU); launched by test_multiprocess.py.
 
-Modes: ``ddp`` (AdaptiveBatchLoop on a bare DDP model, then AdaptiveBatchTrainer) and ``deepspeed``
-(AdaptiveBatchLoop on the engine Accelerate's DeepSpeed plugin builds, ZeRO-2). Every rank
+Modes: ``ddp`` (AdaptiveBatchLoop on a bare DDP model, then AdaptiveBatchTrainer), ``deepspeed``
+(AdaptiveBatchLoop on the engine Accelerate's DeepSpeed plugin builds, ZeRO-2) and
+``trainer_deepspeed`` (AdaptiveBatchTrainer with ``deepspeed=`` ZeRO-2, then resumed mid-epoch). Every rank
 writes, per run, the global batch of every step, the sample indices of every micro-batch it
 ran (in order, per step) and the final parameters.
 """
@@ -69,29 +70,124 @@ class _HFModel(torch.nn.Module):
         return {"loss": torch.nn.functional.mse_loss(out, labels), "logits": out}
 
 
-def trainer(rank: int, world: int) -> dict:
-    from lbopt.integrations.adaptive_batch import AdaptiveBatchTrainer
+def _trainer_args(output_dir: str, **kw):
     from transformers import TrainingArguments
 
-    x, y, idx = dataset().tensors
-    data = [{"x": x[i], "labels": y[i], "idx": idx[i]} for i in range(N)]
-    model = _HFModel()
-    opt = ada.AdAdaGradNorm(model.parameters(), world_size=world, **{**OPT, "max_grad_norm": None})
-    args = TrainingArguments(
-        output_dir=os.environ["LBOPT_WORKER_TMP"], per_device_train_batch_size=P.MICRO, num_train_epochs=EPOCHS,
-        lr_scheduler_type="constant", report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
-        seed=0, ddp_backend="gloo", max_grad_norm=CLIP, dataloader_drop_last=True,
+    return TrainingArguments(
+        output_dir=output_dir, per_device_train_batch_size=P.MICRO, num_train_epochs=EPOCHS,
+        lr_scheduler_type="constant", report_to=[], disable_tqdm=True,
+        seed=0, ddp_backend="gloo", max_grad_norm=CLIP, dataloader_drop_last=True, **kw,
     )
-    t = AdaptiveBatchTrainer(model=model, args=args, train_dataset=data, optimizers=(opt, None))
-    t.train()
+
+
+def _trainer_result(t, model: _HFModel, world: int) -> dict:
     micro, k = [], 0
     for total in t.step_samples:  # group the micro-batches this rank ran by optimizer step
         n = total // (P.MICRO * world)
         micro.append(model.seen[k:k + n])
         k += n
     assert k == len(model.seen)
-    return {"sizes": list(t.step_samples), "micro": micro, "params": P.flat(model.net),
-            "trainer_clip": t.args.max_grad_norm, "opt_clip": opt.max_grad_norm}
+    params = list(model.net.parameters())
+    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3: gather the partitioned parameters
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            flat = P.flat(model.net).detach().clone()
+    else:
+        flat = P.flat(model.net).detach().clone()
+    return {"sizes": list(t.step_samples), "micro": micro, "params": flat, "trainer_clip": t.args.max_grad_norm}
+
+
+def trainer(rank: int, world: int) -> dict:
+    from lbopt.integrations.adaptive_batch import AdaptiveBatchTrainer
+
+    x, y, idx = dataset().tensors
+    data = [{"x": x[i], "labels": y[i], "idx": idx[i]} for i in range(N)]
+    model = _HFModel()
+    opt = ada.AdAdaGradNorm(model.parameters(), world_size=world, **{**OPT, "max_grad_norm": None})
+    args = _trainer_args(os.environ["LBOPT_WORKER_TMP"], save_strategy="no", use_cpu=True)
+    t = AdaptiveBatchTrainer(model=model, args=args, train_dataset=data, optimizers=(opt, None))
+    t.train()
+    return {**_trainer_result(t, model, world), "opt_clip": opt.max_grad_norm}
+
+
+def _ds_trainer(world: int, output_dir: str, resume: str | None = None, **kw) -> tuple:
+    """AdaptiveBatchTrainer(deepspeed=ZeRO-2) with AdAdaGradNorm from optimizer_cls_and_kwargs."""
+    from lbopt.integrations.adaptive_batch import AdaptiveBatchTrainer
+    from lbopt.integrations.trainer import trainer_optimizer
+
+    x, y, idx = dataset().tensors
+    data = [{"x": x[i], "labels": y[i], "idx": idx[i]} for i in range(N)]
+    model = _HFModel()
+    # LBOPT_ZERO_STAGE / LBOPT_DS_ROUTE=config: by-hand runs of the other stages and of the config route
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+              "gradient_clipping": "auto", "zero_optimization": {"stage": int(os.environ.get("LBOPT_ZERO_STAGE", 2))}}
+    opt_kwargs = {**OPT, "max_grad_norm": None, "world_size": world}
+    factory = trainer_optimizer(ada.AdAdaGradNorm, **opt_kwargs)
+    if os.environ.get("LBOPT_DS_ROUTE") == "config":
+        from lbopt.integrations import deepspeed as adapter
+
+        adapter.install()
+        params = {k: v for k, v in opt_kwargs.items() if k != "max_grad_norm"}
+        config["optimizer"] = {"type": "AdAdaGradNorm", "params": {**params, "lr": "auto"}}
+        factory, kw = None, {**kw, "learning_rate": OPT["lr"]}
+    args = _trainer_args(output_dir, deepspeed=config, accelerator_config={"use_configured_state": True}, **kw)
+    t = AdaptiveBatchTrainer(model=model, args=args, train_dataset=data, optimizer_cls_and_kwargs=factory)
+    t.train(resume_from_checkpoint=resume)
+    return t, model
+
+
+def _mid_epoch_checkpoint(output_dir: str, sizes: list[int]) -> tuple[str, int]:
+    """The last checkpoint taken inside an epoch after the batch grew, and its optimizer step."""
+    import json
+
+    best = None
+    for name in os.listdir(output_dir):
+        if not name.startswith("checkpoint-"):
+            continue
+        step = int(name.split("-")[1])
+        path = os.path.join(output_dir, name)
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            attrs = json.load(f)["stateful_callbacks"]["_AdaptiveBatchState"]["attributes"]
+        if 0 < attrs["micro_in_epoch"] < N // (2 * P.MICRO) and max(sizes[:step]) > sizes[0]:
+            best = max(best or (0, ""), (step, path))
+    assert best is not None, (os.listdir(output_dir), sizes)
+    return best[1], best[0]
+
+
+def trainer_deepspeed(rank: int, world: int) -> dict:
+    """The full run (checkpoints every 2 steps), then a run resumed from a mid-epoch checkpoint."""
+    tmp = os.environ["LBOPT_WORKER_TMP"]
+    t, model = _ds_trainer(world, os.path.join(tmp, "full"), save_strategy="steps", save_steps=2)
+    engine = t.model_wrapped
+    full = {**_trainer_result(t, model, world), "engine_batch": engine.train_batch_size(),
+            "engine_clip": float(engine.gradient_clipping()), "opt_clip": engine.basic_optimizer.max_grad_norm,
+            "bound": type(engine).__name__ + ":" + str(vars(engine).get("lbopt_binding") is not None)}
+    ckpt, step = _mid_epoch_checkpoint(os.path.join(tmp, "full"), full["sizes"])
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # a second Trainer in this process (the gloo process state stays)
+    refused = _ready_made_optimizer_refusal(world, os.path.join(tmp, "refused"))
+    AcceleratorState._reset_state()
+    t2, model2 = _ds_trainer(world, os.path.join(tmp, "resumed"), resume=ckpt, save_strategy="no")
+    resumed = {**_trainer_result(t2, model2, world), "from_step": step, "samples_seen": t2.samples_seen}
+    return {"trainer": full, "resumed": resumed, "refused": refused}
+
+
+def _ready_made_optimizer_refusal(world: int, output_dir: str) -> str:
+    """``optimizers=(opt, None)`` under DeepSpeed (transformers would drop it and train AdamW): the message."""
+    from lbopt.integrations.adaptive_batch import AdaptiveBatchTrainer
+
+    model = _HFModel()
+    opt = ada.AdAdaGradNorm(model.parameters(), world_size=world, **OPT)
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+              "gradient_clipping": "auto", "zero_optimization": {"stage": 2}}
+    args = _trainer_args(output_dir, deepspeed=config, accelerator_config={"use_configured_state": True})
+    try:
+        AdaptiveBatchTrainer(model=model, args=args, train_dataset=[], optimizers=(opt, None))
+    except ValueError as exc:
+        return str(exc)
+    return ""
 
 
 def deepspeed_loop(rank: int, world: int) -> dict:
@@ -118,7 +214,14 @@ def main() -> None:
     mode, out = sys.argv[1], sys.argv[2]
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    if mode == "deepspeed":
+    if mode == "trainer_deepspeed":
+        # TrainingArguments(deepspeed=...) sets up Accelerate's state without a backend, which on a machine
+        # without GPUs means one process; a state configured beforehand (gloo) is used as it is.
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        from accelerate import PartialState
+
+        PartialState(backend="gloo")
+    elif mode == "deepspeed":
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         import deepspeed
 
@@ -126,7 +229,7 @@ def main() -> None:
     else:
         torch.distributed.init_process_group("gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    res = ddp(rank, world) if mode == "ddp" else deepspeed_loop(rank, world)
+    res = {"ddp": ddp, "deepspeed": deepspeed_loop, "trainer_deepspeed": trainer_deepspeed}[mode](rank, world)
     torch.save(res, f"{out}.rank{rank}")
     torch.distributed.barrier()
 

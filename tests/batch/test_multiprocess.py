@@ -1,9 +1,10 @@
-"""AdaptiveBatchLoop (DDP and DeepSpeed ZeRO-2) and AdaptiveBatchTrainer (DDP) on 2 processes.
+"""AdaptiveBatchLoop (DDP and DeepSpeed ZeRO-2) and AdaptiveBatchTrainer (DDP and DeepSpeed ZeRO-2) on 2 processes.
 
 For each run: the batch of every step is the same on both ranks, every sample is seen exactly
 once per epoch across the ranks, and one process that runs the same micro-batches (all of them
 local) ends with the same parameters and batches (relative L2 <= 1e-5). Clipping is on
-(max_grad_norm=0.5): the optimizer clips the applied gradient on every route.
+(max_grad_norm=0.5): the optimizer clips the applied gradient on every route. The DeepSpeed
+Trainer is also resumed from a mid-epoch checkpoint and must end where the uninterrupted run did.
 """
 
 import os
@@ -94,3 +95,23 @@ def test_trainer_ddp_two_processes(ddp_runs):
 def test_loop_deepspeed_two_processes(tmp_path):
     runs = _launch("deepspeed", tmp_path)
     _check([r["loop"] for r in runs])
+
+
+@pytest.mark.skipif(_adapter_missing() is not None, reason=str(_adapter_missing()))
+def test_trainer_deepspeed_two_processes_and_resume(tmp_path):
+    """AdaptiveBatchTrainer(deepspeed=ZeRO-2) + trainer_optimizer(AdAdaGradNorm): the batch grows, equals
+    one process on the same global batches; resumed mid-epoch it reproduces the rest of the run."""
+    runs = _launch("trainer_deepspeed", tmp_path)
+    full = [r["trainer"] for r in runs]
+    for r in full:  # clipping moved from the config ("auto" = max_grad_norm) into the bound lbopt optimizer
+        assert r["trainer_clip"] == 0.0 and r["engine_clip"] == 0.0 and r["opt_clip"] == W.CLIP
+        assert r["bound"] == "DeepSpeedEngine:True"
+    _check(full, exact_plan=False)
+    for r, f in zip((x["resumed"] for x in runs), full):
+        k = r["from_step"]
+        assert 0 < k < len(f["sizes"]) and max(f["sizes"][:k]) > f["sizes"][0]  # mid-epoch, after growth
+        assert sum(f["sizes"][:k]) % W.N != 0
+        assert r["sizes"] == f["sizes"][k:] and r["samples_seen"] == W.N * W.EPOCHS
+        assert r["micro"] == f["micro"][k:]  # exactly the micro-batches the uninterrupted run had left
+        assert P.rel(r["params"], f["params"]) <= 1e-6
+    assert "optimizer_cls_and_kwargs" in runs[0]["refused"]  # a ready-made optimizer would be dropped: refused
