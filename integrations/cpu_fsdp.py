@@ -35,9 +35,11 @@ import accelerate
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from lbopt.integrations.fsdp import LayerStateCheckpoint
 from transformers import Trainer
 
-__all__ = ["CPUFSDPAccelerator", "CPUFSDPTrainer", "enable_cpu_fsdp", "fsdp_requested", "launch_config_plugin"]
+__all__ = ["CPUFSDPAccelerator", "CPUFSDPTrainer", "FSDP1_RESUME_ON_CPU", "enable_cpu_fsdp", "fsdp_requested",
+           "launch_config_plugin"]
 
 
 def fsdp_requested(fsdp_plugin: FullyShardedDataParallelPlugin | None = None) -> bool:
@@ -94,8 +96,15 @@ def enable_cpu_fsdp(accelerator: Accelerator, fsdp_plugin: FullyShardedDataParal
 
 _SYNC_ON_CPU = (
     "Accelerate's sync_module_states (FSDP1) initialises modules on an accelerator device, and CPU ranks have "
-    "none: set fsdp_sync_module_states: false in the accelerate config (fsdp_config "
-    "{'sync_module_states': False} for the Trainer) and build the same model on every rank (same seed / checkpoint)"
+    "none: set fsdp_sync_module_states: false in the accelerate config and build the same model on every rank "
+    "(same seed / checkpoint)"
+)
+
+
+FSDP1_RESUME_ON_CPU = (
+    "resuming an FSDP1 checkpoint on CPU ranks is refused: Accelerate's FSDP1 sharded load does not reproduce the "
+    "trajectory there (measured with torch.optim.AdamW too: the loss differs from the first step after the resume); "
+    "train with FSDP2 (integrations/accelerate/fsdp2.yaml), whose resume is exact"
 )
 
 
@@ -123,20 +132,50 @@ class CPUFSDPAccelerator(Accelerator):
         super().__init__(*args, fsdp_plugin=fsdp_plugin, **kwargs)
         self.cpu_fsdp = enable_cpu_fsdp(self, fsdp_plugin)
 
+    def load_state(self, input_dir: str | None = None, **kwargs: Any) -> None:
+        """``Accelerator.load_state``; refused for FSDP1 on CPU ranks (:data:`FSDP1_RESUME_ON_CPU`)."""
+        if self.cpu_fsdp and self.state.fsdp_plugin.fsdp_version == 1:
+            raise ValueError(FSDP1_RESUME_ON_CPU)
+        super().load_state(input_dir, **kwargs)
+
+    def get_state_dict(self, model: torch.nn.Module, unwrap: bool = True) -> dict[str, torch.Tensor]:
+        """The full state dict (rank 0; others get an empty dict under FSDP1), as ``Accelerator.get_state_dict``.
+
+        FSDP1 on CPU ranks gathers without ``offload_to_cpu``: the parameters are CPU tensors
+        already, and torch 2.13's FULL_STATE_DICT with ``offload_to_cpu=True`` (what Accelerate
+        asks for) crashes the process (SIGSEGV) when they are.
+        """
+        if not (self.cpu_fsdp and self.state.fsdp_plugin.fsdp_version == 1):
+            return super().get_state_dict(model, unwrap)
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        config = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, config):
+            return model.state_dict()
+
 
 class CPUFSDPTrainer(Trainer):
     """``transformers.Trainer`` that shards with FSDP on CPU ranks too (see :func:`enable_cpu_fsdp`).
 
-    Use exactly like ``Trainer`` with ``TrainingArguments(fsdp="full_shard", fsdp_config={...})``
-    under ``torchrun`` / ``accelerate launch`` with CPU processes. On GPU ranks it is ``Trainer``.
-    ``cpu_fsdp`` says whether the Trainer's accelerator took the CPU FSDP path.
+    Use exactly like ``Trainer`` with ``TrainingArguments(use_cpu=True, fsdp="full_shard",
+    fsdp_config={"fsdp_version": 2, ...})`` under ``torchrun`` / ``accelerate launch`` with CPU
+    processes. ``cpu_fsdp`` says whether the Trainer's accelerator took the CPU FSDP path.
+
+    Checkpoints: under FSDP (GPU ranks too) the Trainer saves the optimizer through DCP, which
+    drops lbopt's per-layer state; this Trainer also writes it (:class:`LayerStateCheckpoint`,
+    rank 0, ``lbopt_layer_state.pt`` in the checkpoint folder) and loads it on resume.
     """
+
+    LAYER_STATE_FILE = "lbopt_layer_state.pt"
 
     def create_accelerator_and_postprocess(self) -> None:
         plugin_args = self.args.fsdp_plugin_args
-        sync = bool(plugin_args) and plugin_args.get("sync_module_states") and plugin_args.get("fsdp_version", 1) == 1
-        if sync and not torch.accelerator.is_available():
-            raise ValueError(_SYNC_ON_CPU)
+        if plugin_args and plugin_args.get("fsdp_version", 1) == 1 and not torch.accelerator.is_available():
+            raise ValueError(
+                "CPUFSDPTrainer runs FSDP2 only: set fsdp_config={'fsdp_version': 2, ...}. (FSDP1 needs "
+                "lbopt.integrations.fsdp.bind_fsdp1(optimizer, model) after wrapping, which the Trainer does not call)"
+            )
         super().create_accelerator_and_postprocess()
         plugin = FullyShardedDataParallelPlugin(**plugin_args) if plugin_args is not None else None
         self.cpu_fsdp = enable_cpu_fsdp(self.accelerator, plugin)
@@ -155,3 +194,27 @@ class CPUFSDPTrainer(Trainer):
                     "TrainingArguments(save_only_model=True) does not go with FSDP's SHARDED_STATE_DICT or "
                     "load_best_model_at_end: set save_only_model=False"
                 )
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.is_fsdp_enabled and _is_lbopt(self.optimizer):
+            state = LayerStateCheckpoint(self.optimizer).state_dict()
+            if self.args.should_save:
+                torch.save(state, os.path.join(output_dir, self.LAYER_STATE_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, self.LAYER_STATE_FILE) if checkpoint else None
+        if path and self.is_fsdp_enabled and _is_lbopt(self.optimizer):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"{checkpoint} has no {self.LAYER_STATE_FILE}: it was not written by CPUFSDPTrainer, and "
+                    "resuming without lbopt's per-layer state would change the trajectory"
+                )
+            LayerStateCheckpoint(self.optimizer).load_state_dict(torch.load(path, weights_only=True))
+
+
+def _is_lbopt(optimizer: Any) -> bool:
+    from lbopt import LayerwiseOptimizer
+
+    return isinstance(getattr(optimizer, "optimizer", optimizer), LayerwiseOptimizer)

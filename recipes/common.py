@@ -944,8 +944,10 @@ def create_accelerator(args: argparse.Namespace):
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not torch.accelerator.is_available():
         # Accelerate turns FSDP on only for accelerator ranks (CPU ranks would silently get DDP):
         # this Accelerator takes the FSDP path on CPU ranks too (fully_shard over gloo, DCP checkpoints)
-        from lbopt.integrations.cpu_fsdp import CPUFSDPAccelerator
+        from lbopt.integrations.cpu_fsdp import FSDP1_RESUME_ON_CPU, CPUFSDPAccelerator
 
+        if os.environ.get("FSDP_VERSION", "1") == "1" and getattr(args, "resume_from_checkpoint", None):
+            die(FSDP1_RESUME_ON_CPU)
         accelerator_class = CPUFSDPAccelerator
     handlers = []
     if deepspeed_requested and not torch.accelerator.is_available():
