@@ -21,9 +21,10 @@ accelerator (and Accelerate's process-wide state it shares) is told once, before
   Trainer creates, for ``TrainingArguments(fsdp=..., fsdp_config=...)`` on CPU ranks.
 
 On GPU ranks all three leave Accelerate's own FSDP set-up untouched (they only act when
-Accelerate chose ``MULTI_CPU``). The accelerate fields this relies on (``AcceleratorState``'s
-``distributed_type`` / ``fsdp_plugin`` and ``PartialState``'s shared ``distributed_type``) are
-checked on first use, with the installed version in the message.
+Accelerate chose ``MULTI_CPU``). What this writes into Accelerate's state: ``fsdp_plugin``,
+``distributed_type`` (also ``PartialState``'s shared copy, as ``AcceleratorState`` does) and, for
+FSDP1, ``device``; the fields it reads are checked on first use, with the installed version in
+the message.
 """
 
 from __future__ import annotations
@@ -64,12 +65,15 @@ def enable_cpu_fsdp(accelerator: Accelerator, fsdp_plugin: FullyShardedDataParal
     Call before ``accelerator.prepare``. ``fsdp_plugin`` defaults to the launch config's
     (``FullyShardedDataParallelPlugin()`` read from the ``FSDP_*`` variables ``accelerate launch``
     exports). Does nothing (``False``) when Accelerate already chose FSDP (GPU ranks) or FSDP was
-    not requested. Raises ``ValueError`` for a single CPU process (no process group to shard
-    over: launch with ``num_processes >= 2``) and for DeepSpeed + FSDP.
+    not requested. Raises ``ValueError`` for DeepSpeed + FSDP and for ranks that are not CPU
+    ranks of a process group (one process; or several that Accelerate was not told are CPU ranks).
+    For FSDP1 it also sets the state's device to ``cpu`` (FSDP1 rejects Accelerate's ``cpu:0``).
     """
     state = accelerator.state
     if state.distributed_type == DistributedType.FSDP or not fsdp_requested(fsdp_plugin):
         return False
+    if state.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError("FSDP and DeepSpeed were both requested: launch with one of them")
     if state.distributed_type != DistributedType.MULTI_CPU:
         hint = (
             "Accelerate counts CPU ranks only when told: Accelerator(cpu=True) / TrainingArguments(use_cpu=True)"
@@ -81,7 +85,7 @@ def enable_cpu_fsdp(accelerator: Accelerator, fsdp_plugin: FullyShardedDataParal
             f"{accelerator.num_processes} process(es): {hint}"
         )
     _check_accelerate_fields(state)
-    plugin = fsdp_plugin if fsdp_plugin is not None else FullyShardedDataParallelPlugin()
+    plugin = fsdp_plugin if fsdp_plugin is not None else launch_config_plugin()
     if state.mixed_precision != "no":  # as AcceleratorState does for GPU ranks
         plugin.set_mixed_precision(state.mixed_precision)
     state.fsdp_plugin = plugin
