@@ -7,6 +7,10 @@
   names; converts checkpoints to the universal format; drives a growing batch. Nothing
   happens on ``import lbopt``: users bind with ``initialize``/``bind``, or opt in to the
   config route with ``install()`` (see the module and docs/deepspeed.md).
+- :mod:`lbopt.integrations.fsdp` — FSDP2/HSDP need nothing (DTensor layouts are in the core);
+  FSDP1 binding, ZeroRedundancyOptimizer checks, DCP checkpoints of lbopt's per-layer state.
+- :mod:`lbopt.integrations.cpu_fsdp` — Accelerate's FSDP path on CPU ranks (gloo), where
+  Accelerate itself would fall back to DDP: ``CPUFSDPAccelerator``, ``CPUFSDPTrainer``.
 - :mod:`lbopt.integrations.adaptive_batch` — the batch-size controller's plumbing for
   Accelerate, the HF Trainer and DeepSpeed.
 

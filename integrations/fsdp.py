@@ -27,6 +27,9 @@ controller. Checkpoint through :class:`LayerStateCheckpoint` (``dcp.save({"train
 LayerStateCheckpoint(opt, model)})``, or ``accelerator.register_for_checkpointing(
 LayerStateCheckpoint(opt))``).
 
+**Accelerate / Trainer on CPU ranks**: Accelerate turns FSDP on only for GPU ranks;
+:mod:`lbopt.integrations.cpu_fsdp` takes its FSDP path on CPU ranks (gloo) too.
+
 **Batch-size controller** (AdAdaGrad*): its micro-batch estimator hooks each parameter's
 gradient *before* the data-parallel reduction. Under FSDP2 the sharded DTensors only receive
 the reduce-scattered gradient (no autograd hook fires on them); the full local micro-batch

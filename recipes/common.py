@@ -940,15 +940,21 @@ def create_accelerator(args: argparse.Namespace):
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=args.deepspeed_settings)
     deepspeed_requested = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    accelerator_class = Accelerator
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not torch.accelerator.is_available():
-        die("an FSDP launch config needs GPUs: Accelerate enables FSDP only on accelerator ranks and would "
-            "silently train plain DDP on this CPU-only machine; use integrations/accelerate/cpu.yaml here")
+        # Accelerate turns FSDP on only for accelerator ranks (CPU ranks would silently get DDP):
+        # this Accelerator takes the FSDP path on CPU ranks too (fully_shard over gloo, DCP checkpoints)
+        from lbopt.integrations.cpu_fsdp import FSDP1_RESUME_ON_CPU, CPUFSDPAccelerator
+
+        if os.environ.get("FSDP_VERSION", "1") == "1" and getattr(args, "resume_from_checkpoint", None):
+            die(FSDP1_RESUME_ON_CPU)
+        accelerator_class = CPUFSDPAccelerator
     handlers = []
     if deepspeed_requested and not torch.accelerator.is_available():
         # DeepSpeed on CPU (DS_ACCELERATOR=cpu): accelerate only counts the ranks when told the backend
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     adaptive = args.optimizer in ADAPTIVE_OPTIMIZERS or args.batch_schedule is not None  # the loop accumulates
-    accelerator = Accelerator(
+    accelerator = accelerator_class(
         # no accelerator at all: torchrun-launched ranks (integrations/accelerate/cpu.yaml) run gloo DDP on CPU
         cpu=not deepspeed_requested and not torch.accelerator.is_available(),
         kwargs_handlers=handlers,
@@ -973,6 +979,34 @@ def create_accelerator(args: argparse.Namespace):
         datasets.disable_progress_bars()
         transformers.utils.logging.set_verbosity_error()
     return accelerator
+
+
+def fsdp_version(accelerator) -> int | None:
+    """1 or 2 when the model is sharded with FSDP, else None."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.state.fsdp_plugin.fsdp_version if accelerator.distributed_type == DistributedType.FSDP else None
+
+
+def fsdp2_wrap_classes(accelerator, model) -> None:
+    """FSDP2 auto-wrap by transformer block: leave out blocks that hold the input embedding.
+
+    Accelerate (1.15) shards the ``_no_split_modules`` blocks, then the input embedding on its own;
+    where a block holds that embedding (BERT's ``BertEmbeddings``) the second ``fully_shard`` meets
+    parameters that are already sharded and fails. Only when the config names no classes itself."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if not accelerator.is_fsdp2 or plugin.auto_wrap_policy is not transformer_auto_wrap_policy:
+        return
+    if plugin.transformer_cls_names_to_wrap is not None:
+        return
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    holders = {
+        type(m).__name__ for m in model.modules() if embedding is not None and any(c is embedding for c in m.children())
+    }
+    blocks = getattr(model, "_no_split_modules", None) or []
+    plugin.transformer_cls_names_to_wrap = [c for c in blocks if c not in holders]
 
 
 def bind_fsdp(run: Run) -> None:
@@ -1073,6 +1107,7 @@ def setup_run(task: Task, args: argparse.Namespace, raw: Any, watchdog: StartupW
     client_optimizer = create_optimizer(args, model, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(client_optimizer, lr_lambda(args, total_steps))
     watchdog.stage("engine set-up" + (" (DeepSpeed partitions the model and optimizer)" if uses_deepspeed else ""))
+    fsdp2_wrap_classes(accelerator, model)
     model, optimizer, train_dl, eval_dl = accelerator.prepare(model, client_optimizer, train_dl, eval_dl)
     run = Run(
         args=args,
@@ -1380,6 +1415,7 @@ def build_summary(run: Run, runner: StepRunner, stop: str | None, launch_time: f
             "world_size": args.world_size,
             "deepspeed": run.uses_deepspeed,
             "zero_stage": (run.accelerator.state.deepspeed_plugin.zero_stage if run.uses_deepspeed else None),
+            "fsdp_version": fsdp_version(run.accelerator),
             "global_batch_size": args.global_batch_size,
             "max_global_batch_size": runner.max_global_batch_size,
             "final_global_batch_size": history[-1]["batch_size"] if history else None,

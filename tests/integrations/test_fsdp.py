@@ -167,23 +167,65 @@ def test_zero_redundancy_exact_or_refused(world2: dict) -> None:
         assert "ZeroRedundancyOptimizer" in res[n]["error"] and "FSDP2" in res[n]["error"], res[n]["error"]
 
 
-def test_recipe_refuses_fsdp_configs_without_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Accelerate would silently run DDP for an FSDP config on CPU ranks: the recipe says so and stops.
+def test_trainer_with_fsdp2_arguments_on_cpu_matches_the_dense_trainer_and_resumes(tmp_path: Path) -> None:
+    """``CPUFSDPTrainer`` + ``TrainingArguments(fsdp="full_shard", fsdp_config={"fsdp_version": 2})`` +
+    ``trainer_optimizer(lbopt.CBLR)`` on 2 CPU ranks (DTensor parameters, half the rows each) ends
+    where the plain Trainer in one process does on the same global batches. Resumed from its
+    step-5 checkpoint it ends at the same point; resumed as the plain Trainer does under FSDP
+    (DCP only, CBLR's per-layer state lost) it does not (the control)."""
+    from tests.integrations import fsdp_trainer_worker as W
 
-    ``accelerate launch --config_file integrations/accelerate/fsdp2.yaml`` (or ``fsdp1.yaml``)
-    exports ``ACCELERATE_USE_FSDP=true``; the recipe refuses before any process group starts.
-    """
-    import argparse
-    import importlib
+    out = str(tmp_path / "fsdp")
+    for attempt in range(3):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(HERE / "fsdp_trainer_worker.py"), out]
+        proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=400)
+        if proc.returncode == 0 or attempt == 2 or not any(e in proc.stderr for e in PORT_ERRORS):
+            break
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert (r["cpu_fsdp"], r["distributed_type"], r["optimizer"]) == (True, "DistributedType.FSDP", "CBLR")
+        assert all(kind == "DTensor" for kind, _, _ in r["local"].values())
+    rows = {n: [ranks[0]["local"][n][1][0], ranks[1]["local"][n][1][0]] for n in ranks[0]["local"]}
+    assert rows["transformer.h.0.mlp.c_fc.weight"] == [12, 12] and rows["transformer.wte.weight"] == [48, 48]
 
-    from tests.recipes import helpers  # noqa: F401  (puts recipes/ on sys.path)
+    W.train(str(tmp_path / "dense"), sharded=False)
+    vec = lambda d: torch.cat([d[k].reshape(-1) for k in sorted(d)])  # noqa: E731
+    sharded, dense_ = torch.load(out + ".pt"), torch.load(str(tmp_path / "dense.pt"))
+    assert sharded.keys() == dense_.keys()
+    start = {n: p.detach() for n, p in W.model().named_parameters()}
+    assert C.rel_l2(vec(dense_), vec(start)) > 1e-3, "CBLR must move the weights for the comparison to mean anything"
+    assert C.rel_l2(vec(sharded), vec(dense_)) <= TOL
+    dense_losses = json.loads((tmp_path / "dense.rank0.json").read_text())["losses"]
+    assert len(dense_losses) == W.STEPS
+    assert torch.allclose(torch.tensor(ranks[0]["losses"]), torch.tensor(dense_losses), rtol=1e-5)
 
-    common = importlib.import_module("common")
+    assert (tmp_path / "trainer" / "checkpoint-5" / "lbopt_layer_state.pt").is_file()
+    resumed = torch.load(out + "-resumed.pt")
+    assert C.rel_l2(vec(resumed), vec(sharded)) <= 1e-7
+    lost = torch.load(out + "-resumed-without-layer-state.pt")
+    assert C.rel_l2(vec(lost), vec(sharded)) > 1e-5
+
+
+def test_cpu_fsdp_refusals_name_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One CPU process has no process group to shard over; FSDP1's module-state sync needs an accelerator."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from lbopt.integrations.cpu_fsdp import enable_cpu_fsdp, launch_config_plugin
 
     if torch.accelerator.is_available():
-        pytest.skip("a GPU is present: FSDP configs are valid here")
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(SystemExit) as exc:
-        common.create_accelerator(argparse.Namespace(deepspeed_config=None, optimizer="cblr"))
-    message = str(exc.value)
-    assert message.startswith("error: ") and "needs GPUs" in message and "cpu.yaml" in message
+        pytest.skip("accelerator ranks: Accelerate's own FSDP path applies")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    try:
+        accelerator = Accelerator(cpu=True)
+        assert enable_cpu_fsdp(accelerator) is False  # FSDP not asked for: nothing changes
+        with pytest.raises(ValueError, match="CPU process group.*num_processes >= 2"):
+            enable_cpu_fsdp(accelerator, FullyShardedDataParallelPlugin(fsdp_version=2))
+    finally:
+        AcceleratorState._reset_state(True)
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    monkeypatch.setenv("FSDP_SYNC_MODULE_STATES", "true")
+    with pytest.raises(ValueError, match="fsdp_sync_module_states: false"):
+        launch_config_plugin()
