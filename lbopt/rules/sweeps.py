@@ -53,7 +53,8 @@ class BlockDots(BlockSums):
 
     def add_dot(self, segment: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """Products and block sum in ≥ float32 (float64 inputs: float64)."""
-        self._norms.append(torch.dot(x.reshape(-1).to(torch.float64), y.reshape(-1).to(torch.float64)))
+        dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+        self._norms.append(torch.dot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)))
         self._owner.append(segment)
 
     def per_segment(self, num_segments: int, device: torch.device) -> torch.Tensor:
