@@ -4,6 +4,7 @@ graph breaks under ``torch.compile``. (Timings live in bench/step_time.py.)"""
 from __future__ import annotations
 
 import gc
+import weakref
 
 import pytest
 import torch
@@ -104,15 +105,22 @@ def _big_model() -> torch.nn.Module:
     return torch.nn.Sequential(*(torch.nn.Linear(256, 256) for _ in range(4)))
 
 
-def _live_storage_bytes() -> dict[int, int]:
+def _live_storages() -> dict[int, tuple[int, weakref.ref]]:
+    """data_ptr -> (bytes, a weak reference to one live tensor on that storage), for every CPU tensor."""
     for _ in range(3):  # objects freed by one collection's finalizers need another
         gc.collect()
     out = {}
     for obj in gc.get_objects():
         if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu":
             storage = obj.untyped_storage()
-            out[storage.data_ptr()] = storage.nbytes()
+            out[storage.data_ptr()] = (storage.nbytes(), weakref.ref(obj))
     return out
+
+
+def _new_storage_bytes(before: dict, after: dict) -> int:
+    """Bytes of storages live now that were not live before: memory freed meanwhile does not count
+    against them, and an old address reused by a new storage counts as new (its old tensor is dead)."""
+    return sum(n for ptr, (n, _) in after.items() if ptr not in before or before[ptr][1]() is None)
 
 
 MEMORY_CASES = {
@@ -129,13 +137,11 @@ def memory_per_param_byte() -> dict[str, tuple[float, float]]:
     for name, make in MEMORY_CASES.items():
         model = _with_grads(_big_model())
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        before = _live_storage_bytes()
+        before = _live_storages()
         opt = make(model)
         for _ in range(3):
             opt.step()
-        after = _live_storage_bytes()
-        # growth of all live storage (not 'new addresses': a freed block may be reused at an old address)
-        kept = sum(after.values()) - sum(before.values())
+        kept = _new_storage_bytes(before, _live_storages())
         out[name] = (kept / param_bytes, persistent_bytes(opt) / param_bytes)
         # drop what this case holds even if something (a recorded warning) keeps the objects alive,
         # so the next case's scan does not see this case's memory being freed
@@ -147,12 +153,6 @@ def memory_per_param_byte() -> dict[str, tuple[float, float]]:
     return out
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="after merging the helpers' branches, under pytest the previous case's state (1-2x parameter bytes) is "
-    "freed during the next case's steps, so the live-storage scan undercounts the second and third cases; a plain "
-    "script gives CBLR 3.001 vs 3.000, LAMB 3.000 vs 3.000, AdamW 2.000 vs 2.000 (open, see the issue 14 note)",
-)
 def test_persistent_bytes_matches_a_scan_of_live_tensors(memory_per_param_byte) -> None:  # noqa: ANN001
     for name, (scanned, reported) in memory_per_param_byte.items():
         assert abs(scanned - reported) < 0.02, (name, scanned, reported)
@@ -162,6 +162,12 @@ def test_adamw_keeps_two_parameter_copies(memory_per_param_byte) -> None:  # noq
     """Control: the measurement sees AdamW's two moments."""
     scanned, _ = memory_per_param_byte["AdamW"]
     assert 1.99 < scanned < 2.02
+
+
+def test_cblr_keeps_only_its_momentum_buffer(memory_per_param_byte) -> None:  # noqa: ANN001
+    """The implicit secant: CBLR's default state is one parameter copy (as LARS), not three."""
+    scanned, _ = memory_per_param_byte["CBLR"]
+    assert 0.99 < scanned < 1.02
 
 
 @pytest.mark.parametrize("name", ["LAMB", "CBLR"])
