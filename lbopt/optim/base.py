@@ -580,13 +580,15 @@ class LayerwiseOptimizer(Optimizer):
         )
 
     def scaled_adam_direction(
-        self, plan: StepPlan, grads: list[torch.Tensor], eps_key: str, params: list[torch.Tensor]
+        self, plan: StepPlan, grads: list[torch.Tensor], eps_key: str, params: list[torch.Tensor],
+        param_sq: list[torch.Tensor] | None = None,
     ) -> tuple[list[torch.Tensor], list[float], torch.Tensor]:
         """Update the Adam moments; return ``(d, k, ‖d‖²)`` with ``u = k·d = m̂/(√v̂+ε) + βw`` per segment.
 
         ``d`` lives in the one work buffer (slot ``"adam"``); see
-        :func:`lbopt.rules.direction.scaled_adam_direction`. All scalars are host floats
-        from the segments' parameter groups; on CPU the sweep runs in cache blocks.
+        :func:`lbopt.rules.direction.scaled_adam_direction` (``param_sq``: per-segment ``‖w‖²``
+        from the same sweep). All scalars are host floats from the segments' parameter groups;
+        on CPU the sweep runs in cache blocks.
         """
         layout = plan.layout
         groups = self._groups_by_index()
@@ -610,6 +612,7 @@ class LayerwiseOptimizer(Optimizer):
             params,
             self.seg_weight_decay(plan),
             block=CPU_BLOCK if on_cpu else None,
+            param_sq=param_sq,
         )
         return work, k, sq
 

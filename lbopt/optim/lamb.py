@@ -79,20 +79,22 @@ class LAMB(LayerwiseOptimizer):
         layout = plan.layout
         params = layout.views()
         grads = layout.views([t.grad for t in layout.tensors])
-        # ‖w‖ does not change before the update, so it rides with the guard's ‖g‖.
-        sums = plan.stats.sums([sq_norm(grads), sq_norm(params)])
+        # Only the guard's ‖g‖ here: ‖w‖ comes from the direction's sweep, which reads w anyway.
+        sums = plan.stats.sums([sq_norm(grads)])
         present = sums[-1] > 0
         guard = torch.where(present, sums[0], 0.0)
-        return StepStatistics(guard, values={"w_sq": sums[1], "present": present, "params": params, "grads": grads})
+        return StepStatistics(guard, values={"present": present, "params": params, "grads": grads})
 
     def _update(self, plan: StepPlan, stats: StepStatistics, host: list[float]) -> None:
         params, grads, present = stats.values["params"], stats.values["grads"], stats.values["present"]
         self._bump_step()
         dev = stats.guard.device
-        work, k, d_sq = self.scaled_adam_direction(plan, grads, "eps", params)
+        w_seg: list[torch.Tensor] = []
+        work, k, d_sq = self.scaled_adam_direction(plan, grads, "eps", params, param_sq=w_seg)
         k_sq = torch.tensor(k, dtype=d_sq.dtype, device=d_sq.device).square()
-        u_sq = plan.stats.sums([Quantity((), values=d_sq * k_sq)], with_count=False)[0]
-        ratio = trust_ratio(stats.values["w_sq"].sqrt(), u_sq.sqrt())
+        u_sq, w_sq = plan.stats.sums([Quantity((), values=d_sq * k_sq), Quantity((), values=w_seg[0].to(d_sq.device))],
+                                     with_count=False)
+        ratio = trust_ratio(w_sq.sqrt(), u_sq.sqrt())
         lo_hi = self.trust_clip()
         if lo_hi is not None:
             ratio = ratio.clamp(lo_hi[0], lo_hi[1])

@@ -187,6 +187,7 @@ def scaled_adam_direction(
     params: Tensors,
     weight_decays: Sequence[float],
     block: int | None = None,
+    param_sq: list[torch.Tensor] | None = None,
 ) -> tuple[list[float], torch.Tensor]:
     """Adam moments in place and the direction ``u = m̂/(√v̂+ε) + βw``, stored scaled.
 
@@ -196,10 +197,13 @@ def scaled_adam_direction(
     where the segment decays (``k = c``, ``d = m/(√v + ε')`` where it does not): the whole
     direction is four in-place kernels over one work buffer. With ``block`` (CPU) every
     segment is processed in cache-sized blocks, so each array crosses the memory bus once.
+    With a list ``param_sq``, ``‖w_i‖²`` per segment (float64) is appended to it, from the
+    same read of ``w`` where the segment decays (LAMB's trust ratio then needs no other pass).
     """
     scales: list[float] = []
     norms: list[torch.Tensor] = []
     owner: list[int] = []
+    w_norms: list[torch.Tensor] = []
     for i, (g, m, v, d, w) in enumerate(zip(grads, exp_avg, exp_avg_sq, work, params)):
         c = bias_correction2[i] ** 0.5 / bias_correction1[i]
         beta = weight_decays[i]
@@ -210,13 +214,22 @@ def scaled_adam_direction(
             _adam_block(gb, mb, vb, db, wb if decays else None, beta1[i], beta2[i],
                         eps[i] * bias_correction2[i] ** 0.5, c / beta if decays else 1.0)
             norms.append(torch.linalg.vector_norm(db, dtype=torch.promote_types(db.dtype, torch.float32)))
+            if param_sq is not None:
+                w_norms.append(torch.linalg.vector_norm(wb, dtype=torch.promote_types(wb.dtype, torch.float32)))
             owner.append(i)
     if not norms:
+        if param_sq is not None:
+            param_sq.append(torch.zeros(0, dtype=torch.float64))
         return scales, torch.zeros(0, dtype=torch.float64)
-    per_block = torch.stack([n.to(torch.float64) for n in norms]).square()
-    sq = torch.zeros(len(grads), dtype=torch.float64, device=per_block.device)
-    sq.index_add_(0, torch.tensor(owner, device=per_block.device), per_block)
-    return scales, sq
+    index = torch.tensor(owner, device=norms[0].device)
+
+    def per_segment(parts: list[torch.Tensor]) -> torch.Tensor:
+        squares = torch.stack([n.to(torch.float64) for n in parts]).square()
+        return torch.zeros(len(grads), dtype=torch.float64, device=squares.device).index_add_(0, index, squares)
+
+    if param_sq is not None:
+        param_sq.append(per_segment(w_norms))
+    return scales, per_segment(norms)
 
 
 def projected_momentum_step(
