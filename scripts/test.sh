@@ -9,7 +9,12 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DS_ACCELERA
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}  # built by setup.sh
 python -m ruff check . || exit 1
-python -m pytest "$@"
+# Tests marked slow (multi-launch recipe runs, torch.compile; ~4 min together) run with LBOPT_SLOW_TESTS=1.
+if [[ ${LBOPT_SLOW_TESTS:-0} == 1 ]]; then
+  python -m pytest "$@"
+else
+  python -m pytest -m "not slow" "$@"
+fi
 rc=$?
 if [ $rc -eq 5 ]; then
   echo "ERROR: pytest collected no tests (exit code 5); refusing to report success" >&2

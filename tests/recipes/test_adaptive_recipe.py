@@ -42,7 +42,7 @@ def test_classification_adadagradnorm_batch_grows_ddp(tmp_path):
 
 @pytest.mark.parametrize("config, stage, optimizer", [
     ("deepspeed_zero1.yaml", 1, "adadagradnorm"),
-    ("deepspeed_zero3.yaml", 3, "adadagrad"),
+    pytest.param("deepspeed_zero3.yaml", 3, "adadagrad", marks=pytest.mark.slow),  # ~37 s; ZeRO-3 exactness: tests/batch
 ])
 def test_adaptive_batch_grows_under_deepspeed(tmp_path, config, stage, optimizer):
     out = tmp_path / "ds"
@@ -95,6 +95,7 @@ def test_batch_schedule_by_step_ddp_resume_reproduces_the_run(tmp_path):
     _same_run(s, r)
 
 
+@pytest.mark.slow  # ~35 s quiet; by-step schedules and resume stay in the default run
 def test_batch_schedule_by_epoch_zero2(tmp_path):
     """64 training samples: epoch 0 in 4 steps of 16, epoch 1 in 2 of 32; the LR schedule is laid out for
     exactly those 6 steps (linear decay to 0 at the last one)."""

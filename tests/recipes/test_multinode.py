@@ -82,6 +82,7 @@ def relative_l2(a: dict, b: dict) -> float:
     return (diff / norm) ** 0.5
 
 
+@pytest.mark.slow  # ~52 s quiet: two concurrent 2-machine launches plus a reference launch
 def test_two_machines_match_one_machine_zero2(tmp_path):
     one = tmp_path / "one_machine"
     s1 = summary_of(launch("deepspeed_zero2.yaml", "classification.py", [*TINY, "--output_dir", str(one)]), one)

@@ -18,6 +18,7 @@ TINY_CLS = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow  # ~95 s quiet: three launches (uninterrupted, killed in a save, resumed)
 def test_classification_lamb_zero2_atomic_checkpoints_survive_a_kill_during_save(tmp_path):
     """Uninterrupted run vs. a run killed while saving step 4 and resumed from 'latest' (= step 2)."""
     first = tmp_path / "first"
