@@ -88,7 +88,7 @@ def make_params(shapes: list[tuple[int, ...]], seed: int = 0) -> list[torch.nn.P
 OPTIMIZERS = {
     "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
     "LARS": lambda ps: lbopt.LARS(ps, lr=1.0, weight_decay=1e-4),
-    "LAMB": lambda ps: lbopt.LAMB(ps, lr=1e-3),
+    "LAMB": lambda ps: lbopt.LAMB(ps, lr=1e-3, weight_decay=0.01),  # decay as LAMB is used (BERT: 0.01)
     "CBLR": lambda ps: lbopt.CBLR(ps, lr=1.0, weight_decay=1e-4),
     "MCLR": lambda ps: lbopt.MCLR(ps, lr=1.0, weight_decay=1e-4),
 }
