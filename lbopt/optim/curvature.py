@@ -91,6 +91,11 @@ class CBLR(LayerwiseOptimizer):
     the defaults (κ = 0.001) CBLR *is* LARS: same hyperparameter names and defaults, same
     numbers.
 
+    **State.** Along (non-Nesterov) momentum the Rayleigh secant needs no copies of
+    ``w_{t-1}``, ``h_{t-1}``: the last move is a multiple of the buffer (see
+    :meth:`_implicit_history`), so the default keeps one parameter-sized buffer, as LARS does.
+    Nesterov, ``curvature="secant"`` and ``direction="adam"`` keep the two copies.
+
     ``hvp`` needs ``step(closure)`` with the usual PyTorch closure (zero the gradients,
     forward, backward, return the loss). The layer-diagonal Hessian block along the
     gradient is probed by a forward difference, one closure call per adapted layer:
