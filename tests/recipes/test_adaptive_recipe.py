@@ -42,7 +42,8 @@ def test_classification_adadagradnorm_batch_grows_ddp(tmp_path):
 
 @pytest.mark.parametrize("config, stage, optimizer", [
     ("deepspeed_zero1.yaml", 1, "adadagradnorm"),
-    pytest.param("deepspeed_zero3.yaml", 3, "adadagrad", marks=pytest.mark.slow),  # ~37 s; ZeRO-3 exactness: tests/batch
+    # ~37 s, slow; ZeRO-3 exactness of the batch-size tests stays in tests/batch
+    pytest.param("deepspeed_zero3.yaml", 3, "adadagrad", marks=pytest.mark.slow),
 ])
 def test_adaptive_batch_grows_under_deepspeed(tmp_path, config, stage, optimizer):
     out = tmp_path / "ds"
