@@ -25,7 +25,7 @@ from lbopt.optim.base import (
     check_clip,
     check_range,
 )
-from lbopt.rules.direction import CPU_BLOCK, add_scaled_, descend, momentum_update, projected_momentum_step
+from lbopt.rules.direction import CPU_BLOCK, add_scaled_, descend
 from lbopt.rules.scale import (
     curvature_rate,
     limit_growth,
@@ -563,10 +563,10 @@ class CBLR(LayerwiseOptimizer):
             h_dot_d, d_sq, mu = self._momentum_projection(sums, wd_l)
             factors = self._clip(rates * self._projection(h_dot_d, d_sq, present), sums, d_sq, lr_l)
             self.record_layer_stats(present, lr=lr_l * factors, curvature=curvature, rate=rates)
-            projected_momentum_step(
+            projected_heavy_ball_(
                 params, grads, layout.views([self.buffer(t, "momentum_buffer") for t in layout.tensors]),
                 plan.seg_values(lr_l * factors), wd_seg, plan.seg_values(mu),
-                [bool(v) for v in plan.seg_values(self.layer_hparam("nesterov", dev))],
+                [bool(v) for v in plan.seg_values(self.layer_hparam("nesterov", dev))], block=self._block(layout),
             )
         else:
             d = self.adam_direction(plan, grads, "adam_eps", params, wd_seg)
@@ -589,10 +589,10 @@ class CBLR(LayerwiseOptimizer):
         dev = lr_l.device
         alpha, mu, rates = self._heavy_ball_rates(sums, curvature, fallback, present, lr_l, wd_l)
         self.record_layer_stats(present, lr=alpha, curvature=curvature, rate=rates)
-        momentum_update(
+        heavy_ball_(
             params, grads, layout.views([self.buffer(t, "momentum_buffer") for t in layout.tensors]),
             plan.seg_values(alpha), wd_seg, plan.seg_values(mu),
-            [bool(v) for v in plan.seg_values(self.layer_hparam("nesterov", dev))],
+            [bool(v) for v in plan.seg_values(self.layer_hparam("nesterov", dev))], block=self._block(layout),
         )
 
     def _heavy_ball_rates(self, sums, curvature, fallback, present, lr_l, wd_l):
@@ -705,10 +705,10 @@ class CBLR(LayerwiseOptimizer):
         dev = plan.stats.device
         if self.direction == "momentum":
             bufs = layout.views([self.buffer(t, "momentum_buffer") for t in layout.tensors])
-            momentum_update(
+            heavy_ball_(
                 params, grads, bufs, step_sizes, wd_seg,
                 plan.seg_values(self.layer_hparam("momentum", dev)),
-                [bool(v) for v in plan.seg_values(self.layer_hparam("nesterov", dev))],
+                [bool(v) for v in plan.seg_values(self.layer_hparam("nesterov", dev))], block=self._block(layout),
             )
         else:
             descend(params, self.adam_direction(plan, grads, "adam_eps", params, wd_seg), step_sizes)

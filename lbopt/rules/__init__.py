@@ -4,7 +4,7 @@ Nothing here knows about shards: directions act elementwise on lists of segment 
 scales are functions of per-layer sums produced by :mod:`lbopt.stats`.
 """
 
-from lbopt.rules.direction import adam_direction, add_scaled_, descend, momentum_update
+from lbopt.rules.direction import adam_direction, add_scaled_, descend
 from lbopt.rules.scale import (
     curvature_rate,
     ema_update,
@@ -13,6 +13,7 @@ from lbopt.rules.scale import (
     trust_ratio,
     weight_ratio_curvature,
 )
+from lbopt.rules.sweeps import heavy_ball_ as momentum_update  # LARS-style heavy ball, one implementation
 
 __all__ = [
     "adam_direction",

@@ -22,8 +22,6 @@ __all__ = [
     "add_scaled_",
     "blocks",
     "descend",
-    "momentum_update",
-    "projected_momentum_step",
     "scaled_adam_direction",
 ]
 
@@ -74,38 +72,6 @@ def _scale_(tensors: Tensors, scalars: Sequence[float]) -> None:
         torch._foreach_mul_(tensors, first)
     else:
         torch._foreach_mul_(tensors, list(scalars))
-
-
-def momentum_update(
-    params: Tensors,
-    grads: Tensors,
-    buffers: Tensors,
-    step_sizes: Sequence[float],
-    weight_decays: Sequence[float],
-    momentum: Sequence[float],
-    nesterov: Sequence[bool],
-) -> None:
-    """LARS-style heavy ball, in place (You, Gitman, Ginsburg 2017).
-
-    ``d = g + βw``; ``v ← μv + α d``; ``w ← w − v`` (Nesterov: ``w ← w − (μv + α d)``),
-    where ``α`` is the segment's step size (base LR times its layer factor).
-    """
-    _scale_(buffers, momentum)
-    add_scaled_(buffers, grads, step_sizes)
-    add_scaled_(buffers, params, [a * b for a, b in zip(step_sizes, weight_decays)])
-    plain = [i for i, n in enumerate(nesterov) if not n]
-    if len(plain) == len(params):
-        torch._foreach_sub_(params, buffers)
-        return
-    if plain:
-        torch._foreach_sub_([params[i] for i in plain], [buffers[i] for i in plain])
-    nest = [i for i, n in enumerate(nesterov) if n]
-    p, g, v = ([x[i] for i in nest] for x in (params, grads, buffers))
-    a, b, mu = ([x[i] for i in nest] for x in (step_sizes, weight_decays, momentum))
-    # w − (μv + α(g + βw)) = (1 − αβ)w − μv − αg, with the old w on the right
-    _scale_(p, [1.0 - ai * bi for ai, bi in zip(a, b)])
-    add_scaled_(p, v, [-m for m in mu])
-    add_scaled_(p, g, [-ai for ai in a])
 
 
 def adam_direction(
@@ -230,35 +196,3 @@ def scaled_adam_direction(
     if param_sq is not None:
         param_sq.append(per_segment(w_norms))
     return scales, per_segment(norms)
-
-
-def projected_momentum_step(
-    params: Tensors,
-    grads: Tensors,
-    buffers: Tensors,
-    step_sizes: Sequence[float],
-    weight_decays: Sequence[float],
-    momentum: Sequence[float],
-    nesterov: Sequence[bool],
-) -> None:
-    """Momentum with the step size outside the buffer, in place (CBLR's model step).
-
-    ``h = g + βw``; ``m ← μm + h``; ``d = m`` (Nesterov: ``d = h + μm``); ``w ← w − s d``,
-    where ``s`` is the segment's step size (the quadratic model's step along ``d``).
-    Keeping ``s`` out of the buffer makes ``m`` a pure direction, whose scale the model's
-    projection ``⟨h, d⟩/‖d‖²`` cancels.
-    """
-    _scale_(buffers, momentum)
-    add_scaled_(buffers, grads, [1.0] * len(buffers))
-    add_scaled_(buffers, params, weight_decays)
-    nest = [i for i, n in enumerate(nesterov) if n]
-    if nest:
-        # w − s(h + μm) = (1 − sβ)w − s g − sμ m, with the old w on the right
-        p, g, v = ([x[i] for i in nest] for x in (params, grads, buffers))
-        s, b, mu = ([x[i] for i in nest] for x in (step_sizes, weight_decays, momentum))
-        _scale_(p, [1.0 - si * bi for si, bi in zip(s, b)])
-        add_scaled_(p, g, [-si for si in s])
-        add_scaled_(p, v, [-si * mi for si, mi in zip(s, mu)])
-    plain = [i for i, n in enumerate(nesterov) if not n]
-    if plain:
-        add_scaled_([params[i] for i in plain], [buffers[i] for i in plain], [-step_sizes[i] for i in plain])

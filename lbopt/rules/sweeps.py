@@ -231,8 +231,7 @@ def projected_heavy_ball_(
 
     ``h = g + βw``; ``m ← μm + h``; ``w ← w − s m`` (Nesterov: ``w ← w − s(h + μm)``). With
     ``history = (w_prev, h_prev)`` it first stores ``w_prev ← w``, ``h_prev ← h`` and uses
-    ``h_prev`` as ``h``. Same numbers as :func:`lbopt.rules.direction.projected_momentum_step`
-    up to the rounding of ``h``.
+    ``h_prev`` as ``h``.
     """
     for i, (w, g, m) in enumerate(zip(params, grads, buffers)):
         s, b, mu = step_sizes[i], weight_decays[i], momentum[i]
