@@ -21,6 +21,7 @@ from lbopt.integrations.deepspeed.batch import attach_deepspeed, deepspeed_steps
 
 from tests.batch import cases as C  # noqa: E402
 from tests.batch import problem as P  # noqa: E402
+from tests.support import end_worker  # noqa: E402
 
 
 def run(case: C.Case, stage_spec: str, rank: int, world: int) -> dict:
@@ -75,7 +76,7 @@ def main() -> None:
                 print(f"stage {stage} {name}: {time.perf_counter() - t0:.1f} s", flush=True)
     if rank == 0:
         torch.save(results, out)
-    torch.distributed.barrier()
+    end_worker()
 
 
 if __name__ == "__main__":

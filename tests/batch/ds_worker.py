@@ -19,6 +19,7 @@ from lbopt.integrations.adaptive_batch import attach_deepspeed, deepspeed_steps 
 
 from tests.batch import dist_worker as W  # noqa: E402
 from tests.batch import problem as P  # noqa: E402
+from tests.support import end_worker  # noqa: E402
 
 
 def main() -> None:
@@ -55,7 +56,7 @@ def main() -> None:
         flat = P.flat(engine.module)
     if rank == 0:
         torch.save({"params": flat, "sizes": sizes, "b_sq": engine.basic_optimizer.accumulator}, out)
-    torch.distributed.barrier()
+    end_worker()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import lbopt.optim.adagrad as ada  # noqa: E402
 from tests.batch import problem as P  # noqa: E402
+from tests.support import end_worker  # noqa: E402
 
 N, EPOCHS, CLIP = 120, 2, 0.5
 OPT = dict(lr=0.3, initial_batch_size=16, max_batch_size=64, micro_batch_size=P.MICRO, eta=0.8, max_grad_norm=CLIP)
@@ -231,7 +232,7 @@ def main() -> None:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     res = {"ddp": ddp, "deepspeed": deepspeed_loop, "trainer_deepspeed": trainer_deepspeed}[mode](rank, world)
     torch.save(res, f"{out}.rank{rank}")
-    torch.distributed.barrier()
+    end_worker()
 
 
 if __name__ == "__main__":

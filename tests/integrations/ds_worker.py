@@ -25,8 +25,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from lbopt.integrations import deepspeed as adapter  # noqa: E402
+
+from tests.support import end_worker  # noqa: E402
 
 if "install-twice" in sys.argv:  # the opt-in config route, installed before DeepSpeed is imported, twice
     assert adapter.install() and adapter.install()
@@ -171,13 +174,7 @@ def main() -> None:
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump(results, f)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    # Skip interpreter teardown: with several ZeRO-3 engines in one process a C++ thread is
-    # occasionally still joinable at exit ("terminate called without an active exception").
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_worker()
 
 
 def run_mode(args: argparse.Namespace, rank: int, world: int) -> dict:

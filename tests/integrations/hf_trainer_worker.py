@@ -7,7 +7,12 @@ import os
 import sys
 
 import torch
-from lbopt.integrations import deepspeed as adapter
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from lbopt.integrations import deepspeed as adapter  # noqa: E402
+
+from tests.support import end_worker  # noqa: E402
 
 # The Trainer calls deepspeed.initialize itself: the config route needs the explicit opt-in.
 adapter.install()
@@ -49,8 +54,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # see ds_worker.py: no interpreter teardown after ZeRO-3
+    end_worker()

@@ -25,6 +25,7 @@ from lbopt.integrations.trainer import log_layer_stats, trainer_optimizer, unwra
 from transformers import Trainer  # noqa: E402
 
 from tests.integrations.test_trainer import LR, README_EXCLUDE, _args, _dataset, _model  # noqa: E402
+from tests.support import end_worker  # noqa: E402
 
 DS_CONFIG = {
     "train_micro_batch_size_per_gpu": "auto",
@@ -51,8 +52,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as ds_worker.py: no interpreter teardown after DeepSpeed
+    end_worker()
