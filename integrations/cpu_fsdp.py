@@ -37,6 +37,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from lbopt.integrations.fsdp import LayerStateCheckpoint
+from lbopt.integrations.trainer import unwrap_optimizer
 from transformers import Trainer
 
 __all__ = ["CPUFSDPAccelerator", "CPUFSDPTrainer", "FSDP1_RESUME_ON_CPU", "enable_cpu_fsdp", "fsdp_requested",
@@ -221,4 +222,4 @@ class CPUFSDPTrainer(Trainer):
 def _is_lbopt(optimizer: Any) -> bool:
     from lbopt import LayerwiseOptimizer
 
-    return isinstance(getattr(optimizer, "optimizer", optimizer), LayerwiseOptimizer)
+    return isinstance(unwrap_optimizer(optimizer), LayerwiseOptimizer)
