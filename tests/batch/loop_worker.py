@@ -71,6 +71,18 @@ class _HFModel(torch.nn.Module):
         return {"loss": torch.nn.functional.mse_loss(out, labels), "logits": out}
 
 
+def _hf_dataset() -> list[dict]:
+    """dataset() as the Trainer's list of feature dicts."""
+    x, y, idx = dataset().tensors
+    return [{"x": x[i], "labels": y[i], "idx": idx[i]} for i in range(N)]
+
+
+def _zero_config(stage: int) -> dict:
+    """The Trainer's DeepSpeed config: sizes and clipping filled from TrainingArguments."""
+    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto", "zero_optimization": {"stage": stage}}
+
+
 def _trainer_args(output_dir: str, **kw):
     from transformers import TrainingArguments
 
@@ -102,8 +114,7 @@ def _trainer_result(t, model: _HFModel, world: int) -> dict:
 def trainer(rank: int, world: int) -> dict:
     from lbopt.integrations.adaptive_batch import AdaptiveBatchTrainer
 
-    x, y, idx = dataset().tensors
-    data = [{"x": x[i], "labels": y[i], "idx": idx[i]} for i in range(N)]
+    data = _hf_dataset()
     model = _HFModel()
     opt = ada.AdAdaGradNorm(model.parameters(), world_size=world, **{**OPT, "max_grad_norm": None})
     args = _trainer_args(os.environ["LBOPT_WORKER_TMP"], save_strategy="no", use_cpu=True)
@@ -117,12 +128,10 @@ def _ds_trainer(world: int, output_dir: str, resume: str | None = None, **kw) ->
     from lbopt.integrations.adaptive_batch import AdaptiveBatchTrainer
     from lbopt.integrations.trainer import trainer_optimizer
 
-    x, y, idx = dataset().tensors
-    data = [{"x": x[i], "labels": y[i], "idx": idx[i]} for i in range(N)]
+    data = _hf_dataset()
     model = _HFModel()
     # LBOPT_ZERO_STAGE / LBOPT_DS_ROUTE=config: by-hand runs of the other stages and of the config route
-    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-              "gradient_clipping": "auto", "zero_optimization": {"stage": int(os.environ.get("LBOPT_ZERO_STAGE", 2))}}
+    config = _zero_config(int(os.environ.get("LBOPT_ZERO_STAGE", 2)))
     opt_kwargs = {**OPT, "max_grad_norm": None, "world_size": world}
     factory = trainer_optimizer(ada.AdAdaGradNorm, **opt_kwargs)
     if os.environ.get("LBOPT_DS_ROUTE") == "config":
@@ -181,9 +190,7 @@ def _ready_made_optimizer_refusal(world: int, output_dir: str) -> str:
 
     model = _HFModel()
     opt = ada.AdAdaGradNorm(model.parameters(), world_size=world, **OPT)
-    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-              "gradient_clipping": "auto", "zero_optimization": {"stage": 2}}
-    args = _trainer_args(output_dir, deepspeed=config, accelerator_config={"use_configured_state": True})
+    args = _trainer_args(output_dir, deepspeed=_zero_config(2), accelerator_config={"use_configured_state": True})
     try:
         AdaptiveBatchTrainer(model=model, args=args, train_dataset=[], optimizers=(opt, None))
     except ValueError as exc:
